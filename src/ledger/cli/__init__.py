@@ -1,0 +1,1 @@
+"""The ``ledger`` command line: a thin layer over the library."""

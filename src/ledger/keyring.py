@@ -1,0 +1,107 @@
+"""Per-customer encryption of personal data (crypto-shredding).
+
+Each customer gets a random 256-bit data key. It is stored wrapped
+(AES-256-GCM) by the master key, with the customer id as associated data so
+a wrapped key cannot be moved to another customer. Personal fields of an
+event are encrypted with AES-256-GCM under the data key, the event id as
+associated data. ``forget`` deletes the wrapped key: the ciphertext in the
+ledger stays (the chain still verifies) but can never be read again.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+NONCE = 12
+
+
+class KeyError_(RuntimeError):
+    """The master key is missing, malformed or not the one the ledger was written with."""
+
+
+def load_master_key(configured: str | None, key_file: Path) -> bytes:
+    """The master key from the setting, else from ``key_file`` (created 0600 on first use)."""
+    if configured:
+        return _decode_key(configured, "LEDGER_MASTER_KEY")
+    if key_file.exists():
+        return _decode_key(key_file.read_text().strip(), str(key_file))
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key = AESGCM.generate_key(bit_length=256)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(base64.b64encode(key).decode() + "\n")
+    return key
+
+
+def _decode_key(text: str, where: str) -> bytes:
+    raw: bytes | None = None
+    if len(text) == 64:
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError:
+            raw = None
+    if raw is None:
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except binascii.Error:
+            raw = None
+    if raw is None or len(raw) != 32:
+        raise KeyError_(
+            f"{where}: expected 32 random bytes as base64 (44 characters) or hex (64), "
+            f"got {len(text)} characters"
+        )
+    return raw
+
+
+class Keyring:
+    """Wraps, unwraps and caches customer data keys; encrypts and decrypts personal data."""
+
+    def __init__(self, master_key: bytes):
+        self._master = AESGCM(master_key)
+        self._ciphers: dict[str, AESGCM] = {}
+
+    def new_wrapped_key(self, customer_id: str) -> tuple[bytes, AESGCM]:
+        key = AESGCM.generate_key(bit_length=256)
+        nonce = os.urandom(NONCE)
+        wrapped = nonce + self._master.encrypt(nonce, key, b"ledger-key:" + customer_id.encode())
+        cipher = AESGCM(key)
+        self._ciphers[customer_id] = cipher
+        return wrapped, cipher
+
+    def load(self, customer_id: str, wrapped: bytes) -> AESGCM:
+        cached = self._ciphers.get(customer_id)
+        if cached is not None:
+            return cached
+        try:
+            key = self._master.decrypt(
+                wrapped[:NONCE], wrapped[NONCE:], b"ledger-key:" + customer_id.encode()
+            )
+        except InvalidTag:
+            raise KeyError_(
+                "the master key does not unwrap this ledger's data keys: LEDGER_MASTER_KEY or "
+                "master.key is not the key the ledger was written with"
+            ) from None
+        cipher = AESGCM(key)
+        self._ciphers[customer_id] = cipher
+        return cipher
+
+    def cached(self, customer_id: str) -> AESGCM | None:
+        return self._ciphers.get(customer_id)
+
+    def drop(self, customer_id: str) -> None:
+        self._ciphers.pop(customer_id, None)
+
+
+def encrypt(cipher: AESGCM, nonce: bytes, plaintext: bytes, event_id: bytes) -> str:
+    return base64.b64encode(nonce + cipher.encrypt(nonce, plaintext, event_id)).decode("ascii")
+
+
+def decrypt(cipher: AESGCM, blob: str, event_id: bytes) -> bytes:
+    raw = base64.b64decode(blob)
+    return cipher.decrypt(raw[:NONCE], raw[NONCE:], event_id)

@@ -1,0 +1,586 @@
+"""The ledger: validated, idempotent, ordered, hash-chained, encrypted appends, and reads.
+
+This is the one write path every adapter ends in (SDK, file import, Kafka
+worker, HTTP collector). A batch is appended in one transaction that holds the
+store's writer lock:
+
+1. each input is validated against the contract (bad ones become
+   :class:`Rejection` s with reasons; the rest go on);
+2. repeats of an ``event_id`` (in the batch or already stored) are counted as
+   duplicates and stored once;
+3. each new event gets the next global position and its customer's next
+   sequence, its personal fields are encrypted with the customer's data key,
+   and it is sealed to the previous hash of its customer's chain;
+4. rows, idempotency index, stream heads and (optionally) upstream tracking
+   positions commit together, so a crash leaves all or nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from uuid import UUID
+
+import orjson
+from cryptography.exceptions import InvalidTag
+from eventsourcing.persistence import IntegrityError, OperationalError, Tracking
+
+from ledger import keyring as kr
+from ledger.chain import GENESIS, SealError, chain_hash, seal, unseal
+from ledger.contract import (
+    CHANNEL_OF,
+    PERSONAL_FIELDS,
+    ContractError,
+    CustomerForgotten,
+    Envelope,
+    parse_event,
+    parse_line,
+)
+from ledger.settings import Settings
+from ledger.store import EventStore, StoredRow, open_store
+from ledger.store.base import Head
+
+Input = bytes | str | dict[str, Any] | Envelope
+_SORT = orjson.OPT_SORT_KEYS
+
+
+class LedgerError(RuntimeError):
+    """A failure a user can act on; the CLI prints the message without a traceback."""
+
+
+class StaleTracking(LedgerError):
+    """The upstream position recorded with this batch is not past the stored one."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One input that broke the contract, with the reasons (one sentence per field)."""
+
+    index: int
+    problems: list[str]
+    raw: bytes | None = None
+    event_id: str | None = None
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.problems)
+
+
+@dataclass
+class AppendResult:
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    first_position: int | None = None
+    last_position: int | None = None
+
+    def add(self, other: AppendResult) -> None:
+        self.accepted += other.accepted
+        self.duplicates += other.duplicates
+        self.rejected.extend(other.rejected)
+        if other.first_position is not None and self.first_position is None:
+            self.first_position = other.first_position
+        if other.last_position is not None:
+            self.last_position = other.last_position
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    """An event as the ledger holds it, personal fields decrypted when the key exists."""
+
+    position: int
+    sequence: int
+    customer_id: str
+    event_id: str
+    type: str
+    channel: str
+    occurred_at: dt.datetime
+    recorded_at: dt.datetime
+    source: str
+    schema_version: int
+    payload: dict[str, Any]
+    identifiers: dict[str, Any] | None
+    extra: dict[str, Any]
+    hash: str
+    prev_hash: str
+    #: True when the event had personal data whose key was destroyed by ``forget``.
+    erased: bool = False
+    #: True when personal data exists but was not decrypted (``decrypt=False``).
+    sealed_personal: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["occurred_at"] = self.occurred_at.isoformat()
+        out["recorded_at"] = self.recorded_at.isoformat()
+        return out
+
+
+@dataclass(frozen=True)
+class Tampering:
+    customer_id: str
+    sequence: int
+    position: int
+    reason: str
+
+
+@dataclass
+class VerifyReport:
+    events: int = 0
+    customers: int = 0
+    problems: list[Tampering] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def first(self) -> Tampering | None:
+        return min(self.problems, key=lambda p: p.position) if self.problems else None
+
+
+@dataclass
+class LedgerStats:
+    location: str
+    events: int
+    customers: int
+    first_position: int | None
+    last_position: int
+    by_type: dict[str, int]
+    by_channel: dict[str, int]
+    sizes: dict[str, int]
+
+
+def _parse_time(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text)
+
+
+class Ledger:
+    """The append-only customer interaction ledger over an :class:`EventStore`."""
+
+    def __init__(self, store: EventStore, keys: kr.Keyring, *, strict: bool = False):
+        self.store = store
+        self.keys = keys
+        self.strict = strict
+
+    @classmethod
+    def open(cls, settings: Settings | None = None) -> Ledger:
+        settings = settings or Settings()
+        try:
+            master = kr.load_master_key(settings.master_key, settings.key_file)
+            store = open_store(settings)
+        except (kr.KeyError_, ValueError) as exc:
+            raise LedgerError(str(exc)) from None
+        except OperationalError as exc:
+            raise LedgerError(f"cannot open the ledger store: {exc}".strip()) from None
+        return cls(store, kr.Keyring(master), strict=settings.strict)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writing
+
+    def validate(
+        self, inputs: Iterable[Input], *, strict: bool | None = None
+    ) -> tuple[list[Envelope], list[Rejection]]:
+        """Split inputs into valid events and rejections (no storage involved)."""
+        strict = self.strict if strict is None else strict
+        now = dt.datetime.now(dt.UTC)
+        valid: list[Envelope] = []
+        rejected: list[Rejection] = []
+        for index, item in enumerate(inputs):
+            try:
+                if isinstance(item, bytes | str):
+                    valid.append(parse_line(item, strict=strict, now=now))
+                else:
+                    valid.append(parse_event(item, strict=strict, now=now))
+            except ContractError as exc:
+                raw = item.encode() if isinstance(item, str) else item
+                rejected.append(
+                    Rejection(
+                        index,
+                        exc.problems,
+                        raw=raw if isinstance(raw, bytes) else None,
+                        event_id=_event_id_of(item),
+                    )
+                )
+        return valid, rejected
+
+    def append(
+        self,
+        inputs: Iterable[Input],
+        *,
+        strict: bool | None = None,
+        tracking: Sequence[Tracking] = (),
+    ) -> AppendResult:
+        """Validate and append a batch in one transaction (with ``tracking``, if given)."""
+        events, rejected = self.validate(inputs, strict=strict)
+        result = self.append_valid(events, tracking=tracking)
+        result.rejected = rejected
+        return result
+
+    def append_valid(
+        self, events: Sequence[Envelope], *, tracking: Sequence[Tracking] = ()
+    ) -> AppendResult:
+        """Append already-validated events (one transaction)."""
+        result = AppendResult()
+        unique: dict[bytes, tuple[Envelope, dict[str, Any], dict[str, Any]]] = {}
+        for event in events:
+            key = event.event_id.bytes
+            if key in unique:
+                result.duplicates += 1
+            else:
+                unique[key] = (event, *_split_personal(event))
+        if not unique and not tracking:
+            return result
+        for attempt in range(5):
+            try:
+                with self.store.write() as session:
+                    self._append_locked(session, unique, result, tracking)
+                return result
+            except IntegrityError as exc:
+                if tracking:
+                    raise StaleTracking(f"tracking position is not new: {exc}") from None
+                raise
+            except OperationalError:
+                # SQLite's busy timeout ran out while another process held the lock.
+                if attempt == 4:
+                    raise LedgerError(
+                        f"the ledger at {self.store.location} stayed locked by another writer"
+                    ) from None
+        return result
+
+    def _append_locked(
+        self,
+        session: Any,
+        unique: dict[bytes, tuple[Envelope, dict[str, Any], dict[str, Any]]],
+        result: AppendResult,
+        tracking: Sequence[Tracking],
+    ) -> None:
+        ids = list(unique)
+        seen = session.existing_event_ids(ids) if ids else set()
+        fresh = [unique[i] for i in ids if i not in seen]
+        stored_before = result.duplicates
+        result.duplicates = stored_before + len(seen)
+        if fresh:
+            customers = list(dict.fromkeys(e.customer_id for e, _, _ in fresh))
+            heads = session.heads(customers)
+            ciphers = self._ciphers_for(session, customers)
+            position = session.max_position()
+            recorded_at = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+            nonces = os.urandom(kr.NONCE * len(fresh))
+            rows: list[StoredRow] = []
+            event_ids: list[bytes] = []
+            for n, (event, clear, personal) in enumerate(fresh):
+                position += 1
+                head = heads.get(event.customer_id)
+                sequence = head.sequence + 1 if head else 1
+                prev = head.hash if head else GENESIS
+                record = dict(clear)
+                record["position"] = position
+                record["sequence"] = sequence
+                record["recorded_at"] = recorded_at
+                record["prev_hash"] = prev
+                if personal:
+                    record["personal"] = kr.encrypt(
+                        ciphers[event.customer_id],
+                        nonces[n * kr.NONCE : (n + 1) * kr.NONCE],
+                        orjson.dumps(personal),
+                        event.event_id.bytes,
+                    )
+                state, digest = seal(orjson.dumps(record, option=_SORT), prev)
+                heads[event.customer_id] = Head(sequence, digest)
+                rows.append(
+                    StoredRow(position, event.customer_id, sequence, record["type"], state)
+                )
+                event_ids.append(event.event_id.bytes)
+            session.insert_events(rows, event_ids)
+            session.upsert_heads({c: heads[c] for c in customers})
+            result.accepted += len(rows)
+            result.first_position = rows[0].position
+            result.last_position = rows[-1].position
+        if tracking:
+            session.record_tracking(tracking)
+
+    def _ciphers_for(self, session: Any, customers: list[str]) -> dict[str, Any]:
+        ciphers: dict[str, Any] = {}
+        missing = []
+        for c in customers:
+            cached = self.keys.cached(c)
+            if cached is None:
+                missing.append(c)
+            else:
+                ciphers[c] = cached
+        if missing:
+            wrapped = session.wrapped_keys(missing)
+            new_rows = []
+            for c in missing:
+                if c in wrapped:
+                    ciphers[c] = self.keys.load(c, wrapped[c])
+                else:
+                    blob, ciphers[c] = self.keys.new_wrapped_key(c)
+                    new_rows.append((c, blob))
+            if new_rows:
+                session.insert_keys(new_rows)
+        return ciphers
+
+    # ------------------------------------------------------------------ reading
+
+    def decode(self, row: StoredRow, *, decrypt: bool = True) -> RecordedEvent:
+        body, digest = unseal(row.state)
+        rec = orjson.loads(body)
+        blob = rec.get("personal")
+        personal: dict[str, Any] = {}
+        erased = sealed = False
+        if blob:
+            if decrypt:
+                cipher = self._cipher(row.customer_id)
+                if cipher is None:
+                    erased = True
+                else:
+                    try:
+                        personal = orjson.loads(
+                            kr.decrypt(cipher, blob, UUID(rec["event_id"]).bytes)
+                        )
+                    except InvalidTag:
+                        erased = True
+            else:
+                sealed = True
+        payload = dict(rec["payload"])
+        payload.update(personal.get("payload", {}))
+        return RecordedEvent(
+            position=row.position,
+            sequence=row.sequence,
+            customer_id=row.customer_id,
+            event_id=rec["event_id"],
+            type=rec["type"],
+            channel=rec["channel"],
+            occurred_at=_parse_time(rec["occurred_at"]),
+            recorded_at=_parse_time(rec["recorded_at"]),
+            source=rec["source"],
+            schema_version=rec["schema_version"],
+            payload=payload,
+            identifiers=personal.get("identifiers"),
+            extra=personal.get("extra", {}),
+            hash=digest,
+            prev_hash=rec["prev_hash"],
+            erased=erased,
+            sealed_personal=sealed,
+        )
+
+    def _cipher(self, customer_id: str) -> Any:
+        cached = self.keys.cached(customer_id)
+        if cached is not None:
+            return cached
+        wrapped = self.store.wrapped_key(customer_id)
+        return None if wrapped is None else self.keys.load(customer_id, wrapped)
+
+    def history(
+        self,
+        customer_id: str,
+        *,
+        as_of: dt.datetime | None = None,
+        known_at: dt.datetime | None = None,
+    ) -> list[RecordedEvent]:
+        """One customer's timeline in event-time order (ties by sequence).
+
+        ``as_of`` keeps events that had occurred by then; ``known_at`` keeps events the
+        ledger had recorded by then (what an auditor saw at that moment).
+        """
+        self.keys.drop(customer_id)  # a forget in another process must show at once
+        events = [self.decode(r) for r in self.store.read_stream(customer_id)]
+        if as_of is not None:
+            events = [e for e in events if e.occurred_at <= as_of]
+        if known_at is not None:
+            events = [e for e in events if e.recorded_at <= known_at]
+        events.sort(key=lambda e: (e.occurred_at, e.sequence))
+        return events
+
+    def read(self, after: int = 0, limit: int = 1_000, *, decrypt: bool = False) -> list[RecordedEvent]:
+        """The global log: events with position > ``after``, in position order."""
+        return [self.decode(r, decrypt=decrypt) for r in self.store.read_log(after, limit)]
+
+    def read_raw(self, after: int = 0, limit: int = 10_000) -> list[StoredRow]:
+        """The global log as stored rows (sealed bytes), for bulk readers such as projections."""
+        return self.store.read_log(after, limit)
+
+    def follow(
+        self, after: int = 0, *, page: int = 1_000, decrypt: bool = False
+    ) -> Iterator[RecordedEvent]:
+        """Every event after ``after`` that exists now, page by page."""
+        while True:
+            events = self.read(after, page, decrypt=decrypt)
+            if not events:
+                return
+            yield from events
+            after = events[-1].position
+
+    @property
+    def position(self) -> int:
+        return self.store.max_position()
+
+    # ------------------------------------------------------------------ audit
+
+    def verify(self, on_progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+        """Recompute every chain from the stored bytes; report each broken link."""
+        report = VerifyReport()
+        running: dict[str, Head] = {}
+        broken: set[str] = set()
+        last_position = 0
+        total = self.store.max_position()
+
+        def flag(customer: str, sequence: int, position: int, reason: str) -> None:
+            report.problems.append(Tampering(customer, sequence, position, reason))
+            broken.add(customer)
+
+        while True:
+            rows = self.store.read_log(last_position, 10_000)
+            if not rows:
+                break
+            for row in rows:
+                report.events += 1
+                if row.position != last_position + 1:
+                    flag(
+                        row.customer_id,
+                        row.sequence,
+                        row.position,
+                        f"positions {last_position + 1}..{row.position - 1} are missing",
+                    )
+                last_position = row.position
+                if row.customer_id in broken:
+                    continue
+                head = running.get(row.customer_id)
+                expected_seq = head.sequence + 1 if head else 1
+                prev = head.hash if head else GENESIS
+                problem = _check_row(row, expected_seq, prev)
+                if problem:
+                    flag(row.customer_id, row.sequence, row.position, problem)
+                    continue
+                body, digest = unseal(row.state)
+                running[row.customer_id] = Head(row.sequence, digest)
+            if on_progress:
+                on_progress(last_position, total)
+        for customer, head in self.store.all_heads():
+            if customer in broken:
+                continue
+            seen = running.get(customer)
+            if seen is None or seen.sequence != head.sequence or seen.hash != head.hash:
+                flag(
+                    customer,
+                    seen.sequence + 1 if seen else 1,
+                    last_position,
+                    f"the stream head says {head.sequence} events but "
+                    f"{seen.sequence if seen else 0} chain up to it: events are missing",
+                )
+        report.customers = len(running)
+        return report
+
+    def forget(self, customer_id: str, *, reason: str | None = None) -> bool:
+        """Crypto-shred a customer: destroy the data key, record the fact as an event.
+
+        Returns False when the customer had no key (unknown, or already forgotten).
+        """
+        event = parse_event(
+            {
+                "event_id": str(UUID(bytes=os.urandom(16), version=4)),
+                "customer_id": customer_id,
+                "channel": "system",
+                "type": "customer_forgotten",
+                "occurred_at": dt.datetime.now(dt.UTC).isoformat(),
+                "source": "ledger-forget",
+                "payload": CustomerForgotten(reason=reason).model_dump(exclude_none=True),
+            }
+        )
+        with self.store.write() as session:
+            existed = session.delete_key(customer_id)
+            if existed:
+                self._append_locked(
+                    session, {event.event_id.bytes: (event, *_split_personal(event))},
+                    AppendResult(), (),
+                )
+        self.keys.drop(customer_id)
+        checkpoint = getattr(self.store, "checkpoint", None)
+        if checkpoint:
+            checkpoint()
+        return existed
+
+    def stats(self) -> LedgerStats:
+        by_type = self.store.counts_by_type()
+        by_channel: dict[str, int] = {}
+        for t, n in by_type.items():
+            ch = CHANNEL_OF.get(t, "?")
+            by_channel[ch] = by_channel.get(ch, 0) + n
+        events = sum(by_type.values())
+        last = self.store.max_position()
+        return LedgerStats(
+            location=self.store.location,
+            events=events,
+            customers=self.store.customer_count(),
+            first_position=1 if events else None,
+            last_position=last,
+            by_type=dict(sorted(by_type.items())),
+            by_channel=dict(sorted(by_channel.items())),
+            sizes=self.store.size_bytes(),
+        )
+
+
+def _check_row(row: StoredRow, expected_seq: int, prev: str) -> str | None:
+    try:
+        body, digest = unseal(row.state)
+        rec = orjson.loads(body)
+    except (SealError, orjson.JSONDecodeError):
+        return "the stored bytes are not a sealed event (altered or truncated)"
+    if chain_hash(rec.get("prev_hash", ""), body) != digest:
+        return "content does not match its hash (the event was altered)"
+    if rec.get("prev_hash") != prev:
+        return "prev_hash does not match the previous event's hash (the chain was rewritten)"
+    if row.sequence != expected_seq or rec.get("sequence") != row.sequence:
+        return f"sequence {row.sequence} where {expected_seq} was expected"
+    if rec.get("position") != row.position or rec.get("customer_id") != row.customer_id:
+        return "the event was moved: its position or customer differs from its sealed content"
+    return None
+
+
+def _split_personal(event: Envelope) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The event as JSON data, split into what stays clear and what gets encrypted."""
+    clear = event.model_dump(mode="json", exclude_none=True)
+    personal: dict[str, Any] = {}
+    identifiers = clear.pop("identifiers", None)
+    if identifiers:
+        personal["identifiers"] = identifiers
+    payload = clear["payload"]
+    extra: dict[str, Any] = {}
+    if event.model_extra:
+        for name in event.model_extra:
+            extra[name] = clear.pop(name, None)
+    payload_model = event.payload  # type: ignore[attr-defined]
+    if payload_model.model_extra:
+        for name in payload_model.model_extra:
+            extra[f"payload.{name}"] = payload.pop(name, None)
+    if extra:
+        personal["extra"] = extra
+    secret = {f: payload.pop(f) for f in PERSONAL_FIELDS[clear["type"]] if f in payload}
+    if secret:
+        personal["payload"] = secret
+    return clear, personal
+
+
+def _event_id_of(item: Input) -> str | None:
+    try:
+        if isinstance(item, bytes | str):
+            value = orjson.loads(item).get("event_id")
+        elif isinstance(item, dict):
+            value = item.get("event_id")
+        else:
+            value = item.event_id
+    except (orjson.JSONDecodeError, AttributeError, TypeError):
+        return None
+    return None if value is None else str(value)[:100]

@@ -1,0 +1,121 @@
+"""What the ledger needs from a database, whichever it is.
+
+The tables (both stores):
+
+* ``stored_events``: eventsourcing's application table. ``originator_id`` is
+  the customer id, ``originator_version`` the per-customer sequence, ``topic``
+  the event type, ``state`` the sealed event (see :mod:`ledger.chain`), and
+  the notification id (SQLite rowid / PostgreSQL ``notification_id``) is the
+  global position. Update, delete and truncate are refused by triggers.
+* ``ledger_event_ids``: the idempotency index, one row per stored event id.
+* ``ledger_streams``: per customer, the last sequence and the head hash.
+* ``ledger_keys``: per customer, the data key wrapped by the master key. The
+  only table rows are ever deleted from (``forget``).
+* tracking (eventsourcing's): the position a reader or an upstream offset has
+  reached, written in the same transaction as the events it produced.
+
+All writes go through a :class:`WriteSession`, which holds the store's single
+writer lock (SQLite ``BEGIN IMMEDIATE``, PostgreSQL ``LOCK TABLE ... EXCLUSIVE``)
+so positions are assigned gap-free and chains extended without races.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from eventsourcing.persistence import Tracking
+
+
+class StoredRow(NamedTuple):
+    position: int
+    customer_id: str
+    sequence: int
+    type: str
+    state: bytes
+
+
+@dataclass(frozen=True)
+class Head:
+    sequence: int
+    hash: str
+
+
+class WriteSession(abc.ABC):
+    """Primitives available while holding the writer lock, inside one transaction."""
+
+    @abc.abstractmethod
+    def existing_event_ids(self, event_ids: Sequence[bytes]) -> set[bytes]: ...
+
+    @abc.abstractmethod
+    def heads(self, customer_ids: Sequence[str]) -> dict[str, Head]: ...
+
+    @abc.abstractmethod
+    def max_position(self) -> int: ...
+
+    @abc.abstractmethod
+    def wrapped_keys(self, customer_ids: Sequence[str]) -> dict[str, bytes]: ...
+
+    @abc.abstractmethod
+    def insert_keys(self, rows: Sequence[tuple[str, bytes]]) -> None: ...
+
+    @abc.abstractmethod
+    def insert_events(self, rows: Sequence[StoredRow], event_ids: Sequence[bytes]) -> None: ...
+
+    @abc.abstractmethod
+    def upsert_heads(self, heads: dict[str, Head]) -> None: ...
+
+    @abc.abstractmethod
+    def record_tracking(self, tracking: Sequence[Tracking]) -> None:
+        """Store consumed positions/offsets; refuse (raise) one that does not move forward."""
+
+    @abc.abstractmethod
+    def delete_key(self, customer_id: str) -> bool: ...
+
+
+class EventStore(abc.ABC):
+    """A database holding the ledger. Subclasses wrap an eventsourcing process recorder."""
+
+    #: Human-readable location for messages (a path or a URL without password).
+    location: str
+
+    @abc.abstractmethod
+    def write(self) -> AbstractContextManager[WriteSession]:
+        """A transaction holding the writer lock; commits on success."""
+
+    @abc.abstractmethod
+    def read_log(self, after: int, limit: int) -> list[StoredRow]:
+        """Events with position > ``after``, in position order (the notification log)."""
+
+    @abc.abstractmethod
+    def read_stream(self, customer_id: str) -> list[StoredRow]:
+        """One customer's events in sequence order."""
+
+    @abc.abstractmethod
+    def wrapped_key(self, customer_id: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    def all_heads(self) -> Iterator[tuple[str, Head]]: ...
+
+    @abc.abstractmethod
+    def max_position(self) -> int: ...
+
+    @abc.abstractmethod
+    def tracking_position(self, name: str) -> int | None:
+        """The last position/offset recorded under ``name`` (None if never)."""
+
+    @abc.abstractmethod
+    def counts_by_type(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def customer_count(self) -> int: ...
+
+    @abc.abstractmethod
+    def size_bytes(self) -> dict[str, int]:
+        """Storage used, by file or relation name."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

@@ -1,0 +1,227 @@
+"""The embedded store: one SQLite file through eventsourcing's SQLite recorder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from eventsourcing.persistence import Tracking
+from eventsourcing.sqlite import (
+    SQLiteConnection,
+    SQLiteConnectionPool,
+    SQLiteDatastore,
+    SQLiteProcessRecorder,
+)
+
+from ledger.store.base import EventStore, Head, StoredRow, WriteSession
+
+# SQLite allows 32,766 host parameters per statement; stay well below.
+_CHUNK = 5_000
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class _Pool(SQLiteConnectionPool):
+    """eventsourcing's pool, plus the pragmas an append-heavy ledger wants."""
+
+    cache_mb = 64
+
+    def _create_connection(self) -> SQLiteConnection:
+        conn = super()._create_connection()
+        raw = conn._sqlite_conn
+        raw.execute(f"PRAGMA cache_size=-{self.cache_mb * 1024}")
+        # Deleted key material is overwritten, not left in free pages.
+        raw.execute("PRAGMA secure_delete=ON")
+        raw.execute("PRAGMA synchronous=FULL")
+        return conn
+
+
+class LedgerSQLiteRecorder(SQLiteProcessRecorder):
+    """eventsourcing's process recorder with the ledger's extra tables and guards."""
+
+    def construct_create_table_statements(self) -> list[str]:
+        statements = super().construct_create_table_statements()
+        statements += [
+            "CREATE TABLE IF NOT EXISTS ledger_event_ids ("
+            "event_id BLOB PRIMARY KEY, position INTEGER NOT NULL) WITHOUT ROWID",
+            "CREATE TABLE IF NOT EXISTS ledger_streams ("
+            "customer_id TEXT PRIMARY KEY, last_sequence INTEGER NOT NULL, "
+            "head_hash TEXT NOT NULL) WITHOUT ROWID",
+            "CREATE TABLE IF NOT EXISTS ledger_keys ("
+            "customer_id TEXT PRIMARY KEY, wrapped_key BLOB NOT NULL) WITHOUT ROWID",
+        ]
+        for table in ("stored_events", "ledger_event_ids"):
+            for action in ("UPDATE", "DELETE"):
+                statements.append(
+                    f"CREATE TRIGGER IF NOT EXISTS {table}_no_{action.lower()} "
+                    f"BEFORE {action} ON {table} BEGIN SELECT RAISE(ABORT, "
+                    f"'the ledger is append-only: {table} rows cannot be "
+                    f"{action.lower()}d'); END"
+                )
+        return statements
+
+
+class _SQLiteSession(WriteSession):
+    def __init__(self, cur: Any, recorder: LedgerSQLiteRecorder):
+        self.cur = cur
+        self.recorder = recorder
+
+    def existing_event_ids(self, event_ids: Sequence[bytes]) -> set[bytes]:
+        found: set[bytes] = set()
+        for chunk in _chunks(event_ids):
+            self.cur.execute(
+                "SELECT event_id FROM ledger_event_ids WHERE event_id IN "
+                f"({','.join('?' * len(chunk))})",
+                list(chunk),
+            )
+            found.update(row[0] for row in self.cur.fetchall())
+        return found
+
+    def heads(self, customer_ids: Sequence[str]) -> dict[str, Head]:
+        out: dict[str, Head] = {}
+        for chunk in _chunks(customer_ids):
+            self.cur.execute(
+                "SELECT customer_id, last_sequence, head_hash FROM ledger_streams "
+                f"WHERE customer_id IN ({','.join('?' * len(chunk))})",
+                list(chunk),
+            )
+            out.update((r[0], Head(r[1], r[2])) for r in self.cur.fetchall())
+        return out
+
+    def max_position(self) -> int:
+        self.cur.execute("SELECT MAX(rowid) FROM stored_events")
+        return int(self.cur.fetchone()[0] or 0)
+
+    def wrapped_keys(self, customer_ids: Sequence[str]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for chunk in _chunks(customer_ids):
+            self.cur.execute(
+                "SELECT customer_id, wrapped_key FROM ledger_keys "
+                f"WHERE customer_id IN ({','.join('?' * len(chunk))})",
+                list(chunk),
+            )
+            out.update((r[0], r[1]) for r in self.cur.fetchall())
+        return out
+
+    def insert_keys(self, rows: Sequence[tuple[str, bytes]]) -> None:
+        self.cur.executemany("INSERT INTO ledger_keys VALUES (?, ?)", rows)
+
+    def insert_events(self, rows: Sequence[StoredRow], event_ids: Sequence[bytes]) -> None:
+        self.cur.executemany(
+            "INSERT INTO stored_events (rowid, originator_id, originator_version, topic, state) "
+            "VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+        self.cur.executemany(
+            "INSERT INTO ledger_event_ids VALUES (?, ?)",
+            zip(event_ids, (r.position for r in rows), strict=True),
+        )
+
+    def upsert_heads(self, heads: dict[str, Head]) -> None:
+        self.cur.executemany(
+            "INSERT INTO ledger_streams VALUES (?, ?, ?) ON CONFLICT (customer_id) DO UPDATE "
+            "SET last_sequence = excluded.last_sequence, head_hash = excluded.head_hash",
+            [(c, h.sequence, h.hash) for c, h in heads.items()],
+        )
+
+    def record_tracking(self, tracking: Sequence[Tracking]) -> None:
+        for item in tracking:
+            self.recorder._insert_tracking(self.cur, item)
+
+    def delete_key(self, customer_id: str) -> bool:
+        self.cur.execute("DELETE FROM ledger_keys WHERE customer_id = ?", (customer_id,))
+        return bool(self.cur.rowcount)
+
+
+class SQLiteStore(EventStore):
+    def __init__(self, path: Path, *, cache_mb: int = 64, lock_timeout_s: int = 60):
+        self.path = Path(path)
+        self.location = str(self.path)
+        self.datastore = SQLiteDatastore(
+            str(self.path), lock_timeout=lock_timeout_s, originator_id_type="text"
+        )
+        # Swap in the pool that sets the ledger's pragmas (same arguments as the stock one).
+        self.datastore.pool.close()
+        pool = _Pool(db_name=str(self.path), lock_timeout=lock_timeout_s)
+        pool.cache_mb = cache_mb
+        self.datastore.pool = pool
+        self.recorder = LedgerSQLiteRecorder(self.datastore)
+        self.recorder.create_table()
+
+    @contextmanager
+    def write(self) -> Iterator[WriteSession]:
+        with self.datastore.get_connection(commit=True) as conn:
+            cur = conn._sqlite_conn.cursor()
+            # IMMEDIATE takes the write lock up front: two processes never both read the
+            # heads and then race to extend the same chain (the loser waits, then retries).
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SQLiteSession(cur, self.recorder)
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self.datastore.transaction(commit=False) as cur:
+            cur.execute(sql, params)
+            return list(cur.fetchall())
+
+    def read_log(self, after: int, limit: int) -> list[StoredRow]:
+        return [
+            StoredRow(n.id, str(n.originator_id), n.originator_version, n.topic, n.state)
+            for n in self.recorder.select_notifications(
+                start=after, limit=limit, inclusive_of_start=False
+            )
+        ]
+
+    def read_stream(self, customer_id: str) -> list[StoredRow]:
+        rows = self._query(
+            "SELECT rowid, originator_id, originator_version, topic, state FROM stored_events "
+            "WHERE originator_id = ? ORDER BY originator_version",
+            (customer_id,),
+        )
+        return [StoredRow(*r) for r in rows]
+
+    def wrapped_key(self, customer_id: str) -> bytes | None:
+        rows = self._query(
+            "SELECT wrapped_key FROM ledger_keys WHERE customer_id = ?", (customer_id,)
+        )
+        return rows[0][0] if rows else None
+
+    def all_heads(self) -> Iterator[tuple[str, Head]]:
+        for r in self._query("SELECT customer_id, last_sequence, head_hash FROM ledger_streams"):
+            yield r[0], Head(r[1], r[2])
+
+    def max_position(self) -> int:
+        return int(self.recorder.max_notification_id() or 0)
+
+    def tracking_position(self, name: str) -> int | None:
+        return self.recorder.max_tracking_id(name)
+
+    def counts_by_type(self) -> dict[str, int]:
+        return dict(self._query("SELECT topic, COUNT(*) FROM stored_events GROUP BY topic"))
+
+    def customer_count(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM ledger_streams")[0][0])
+
+    def size_bytes(self) -> dict[str, int]:
+        sizes = {}
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(str(self.path) + suffix)
+            if p.exists():
+                sizes[p.name] = p.stat().st_size
+        return sizes
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the main file and truncate it (used after ``forget``)."""
+        with self.datastore.get_connection(commit=True) as conn:
+            conn._sqlite_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def close(self) -> None:
+        self.datastore.close()
