@@ -8,14 +8,17 @@ LEDGER_REQUIRE_POSTGRES=1 (set by .ci/run), which turns the skip into a failure.
 
 from __future__ import annotations
 
+import copy
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
+from ledger.contract import CHANNEL_OF
 from ledger.ledger import Ledger
 from ledger.settings import Settings
 
@@ -27,7 +30,11 @@ TEST_MASTER_KEY = "a" * 64  # hex of 32 bytes: tests must not depend on a key fi
 
 def _admin() -> psycopg.Connection:
     return psycopg.connect(
-        host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True,
+        host=PG_HOST,
+        port=PG_PORT,
+        user=PG_USER,
+        dbname="postgres",
+        autocommit=True,
         connect_timeout=3,
     )
 
@@ -79,3 +86,59 @@ def sqlite_settings(tmp_path: Path) -> Settings:
 def ledger(settings: Settings) -> Iterator[Ledger]:
     with Ledger.open(settings) as opened:
         yield opened
+
+
+#: A valid payload per event type: the base tests mutate (personal fields hold clear text
+#: that tests look for in the database bytes).
+SAMPLE_PAYLOADS: dict[str, dict[str, Any]] = {
+    "page_viewed": {"url": "https://shop.example/p/1", "title": "Shoes", "duration_ms": 1200},
+    "form_submitted": {"form_id": "contact", "fields": {"message": "call me back"}},
+    "email_sent": {"message_id": "m-1", "campaign_id": "spring", "subject": "Spring sale"},
+    "email_opened": {"message_id": "m-1"},
+    "email_clicked": {"message_id": "m-1", "url": "https://shop.example/sale"},
+    "email_bounced": {"message_id": "m-1", "bounce_type": "soft"},
+    "chat_message": {"conversation_id": "conv-1", "direction": "inbound", "text": "hello"},
+    "call_completed": {
+        "call_id": "call-1",
+        "direction": "outbound",
+        "duration_seconds": 95,
+        "outcome": "answered",
+        "notes": "wants a quote",
+    },
+    "social_mention": {"network": "x", "text": "love it", "sentiment": "positive"},
+    "order_placed": {"order_id": "ord-1", "total": {"amount": "19.99", "currency": "EUR"}},
+    "order_refunded": {"order_id": "ord-1", "amount": {"amount": "5.00", "currency": "EUR"}},
+    "ticket_opened": {"ticket_id": "t-1", "subject": "broken zip", "priority": "high"},
+    "ticket_resolved": {"ticket_id": "t-1", "resolution": "solved", "satisfaction": 4},
+    "consent_changed": {"purpose": "email_marketing", "status": "granted"},
+    "customer_forgotten": {},
+}
+
+
+def build_event(
+    customer_id: str = "cus_00001",
+    type: str = "page_viewed",
+    *,
+    occurred_at: str = "2026-03-01T12:00:00Z",
+    payload: dict[str, Any] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A valid event dict (fresh event_id unless given); ``fields`` override envelope keys."""
+    event: dict[str, Any] = {
+        "event_id": str(uuid.uuid4()),
+        "customer_id": customer_id,
+        "channel": CHANNEL_OF[type],
+        "type": type,
+        "occurred_at": occurred_at,
+        "source": "test-adapter",
+        "payload": copy.deepcopy(SAMPLE_PAYLOADS[type]) if payload is None else payload,
+        "schema_version": 1,
+    }
+    event.update(fields)
+    return event
+
+
+@pytest.fixture
+def make_event() -> Callable[..., dict[str, Any]]:
+    """Factory of valid event dicts, see :func:`build_event`."""
+    return build_event
