@@ -298,9 +298,7 @@ class Ledger:
                     )
                 state, digest = seal(orjson.dumps(record, option=_SORT), prev)
                 heads[event.customer_id] = Head(sequence, digest)
-                rows.append(
-                    StoredRow(position, event.customer_id, sequence, record["type"], state)
-                )
+                rows.append(StoredRow(position, event.customer_id, sequence, record["type"], state))
                 event_ids.append(event.event_id.bytes)
             session.insert_events(rows, event_ids)
             session.upsert_heads({c: heads[c] for c in customers})
@@ -404,7 +402,9 @@ class Ledger:
         events.sort(key=lambda e: (e.occurred_at, e.sequence))
         return events
 
-    def read(self, after: int = 0, limit: int = 1_000, *, decrypt: bool = False) -> list[RecordedEvent]:
+    def read(
+        self, after: int = 0, limit: int = 1_000, *, decrypt: bool = False
+    ) -> list[RecordedEvent]:
         """The global log: events with position > ``after``, in position order."""
         return [self.decode(r, decrypt=decrypt) for r in self.store.read_log(after, limit)]
 
@@ -464,7 +464,7 @@ class Ledger:
                 if problem:
                     flag(row.customer_id, row.sequence, row.position, problem)
                     continue
-                body, digest = unseal(row.state)
+                _, digest = unseal(row.state)
                 running[row.customer_id] = Head(row.sequence, digest)
             if on_progress:
                 on_progress(last_position, total)
@@ -503,8 +503,10 @@ class Ledger:
             existed = session.delete_key(customer_id)
             if existed:
                 self._append_locked(
-                    session, {event.event_id.bytes: (event, *_split_personal(event))},
-                    AppendResult(), (),
+                    session,
+                    {event.event_id.bytes: (event, *_split_personal(event))},
+                    AppendResult(),
+                    (),
                 )
         self.keys.drop(customer_id)
         checkpoint = getattr(self.store, "checkpoint", None)

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from ledger.cli import core, distributed, generate, projections
-from ledger.cli.output import fail
+from ledger.cli.output import err_console
 from ledger.ledger import LedgerError
 
 app = typer.Typer(
@@ -32,6 +32,8 @@ def main() -> None:
     try:
         app()
     except LedgerError as exc:
-        fail(str(exc))
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
     except KeyboardInterrupt:
+        err_console.print("interrupted")
         sys.exit(130)

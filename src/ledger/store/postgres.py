@@ -29,7 +29,7 @@ class LedgerPostgresRecorder(PostgresProcessRecorder):
         super().__init__(
             datastore, events_table_name="stored_events", tracking_table_name="ledger_tracking"
         )
-        self.sql_create_statements += [
+        extra: list[Any] = [
             SQL(
                 "CREATE TABLE IF NOT EXISTS ledger_event_ids ("
                 "event_id bytea PRIMARY KEY, position bigint NOT NULL)"
@@ -45,7 +45,7 @@ class LedgerPostgresRecorder(PostgresProcessRecorder):
             SQL(_GUARD_FUNCTION),
         ]
         for table in ("stored_events", "ledger_event_ids"):
-            self.sql_create_statements += [
+            extra += [
                 SQL(
                     f"CREATE OR REPLACE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE "
                     f"ON {table} FOR EACH ROW EXECUTE FUNCTION ledger_append_only()"
@@ -55,6 +55,7 @@ class LedgerPostgresRecorder(PostgresProcessRecorder):
                     f"ON {table} FOR EACH STATEMENT EXECUTE FUNCTION ledger_append_only()"
                 ),
             ]
+        self.sql_create_statements += extra
 
 
 class _PostgresSession(WriteSession):
@@ -150,7 +151,8 @@ class PostgresStore(EventStore):
             max_overflow=4,
             connect_timeout=10,
         )
-        safe = f"postgresql://{parts.username or 'postgres'}@{parts.hostname}:{parts.port or 5432}{parts.path}"
+        user = parts.username or "postgres"
+        safe = f"postgresql://{user}@{parts.hostname}:{parts.port or 5432}{parts.path}"
         return cls(datastore, safe)
 
     @contextmanager
