@@ -102,7 +102,11 @@ def _iso_currency(value: str) -> str:
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
-    return value.astimezone(dt.UTC)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        # 9999-12-31T23:00-14:00 is a valid aware time that has no UTC equivalent.
+        raise ValueError("expected a time between years 1 and 9999 once converted to UTC") from None
 
 
 Amount = Annotated[
@@ -412,7 +416,11 @@ def parse_line(
     raw: bytes | str, *, strict: bool = False, now: dt.datetime | None = None
 ) -> Envelope:
     """Validate one JSON document. Raises :class:`ContractError` with every problem found."""
-    data = raw.encode() if isinstance(raw, str) else raw
+    try:
+        data = raw.encode() if isinstance(raw, str) else raw
+    except UnicodeEncodeError as exc:
+        # A str holding a lone surrogate (e.g. from a lenient decoder) has no UTF-8 form.
+        raise ContractError([f"event: not valid UTF-8 text ({exc.reason})"]) from None
     if len(data) > MAX_EVENT_BYTES:
         raise ContractError(
             [f"event: {len(data):,} bytes is over the limit of {MAX_EVENT_BYTES:,} bytes"]

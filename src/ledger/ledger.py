@@ -203,7 +203,7 @@ class Ledger:
                 else:
                     valid.append(parse_event(item, strict=strict, now=now))
             except ContractError as exc:
-                raw = item.encode() if isinstance(item, str) else item
+                raw = item.encode(errors="backslashreplace") if isinstance(item, str) else item
                 rejected.append(
                     Rejection(
                         index,
