@@ -293,3 +293,25 @@ def test_cloudevents_mapping(make_event: MakeEvent) -> None:
     assert dt.datetime.fromisoformat(headers["ce_time"].decode()) == dt.datetime(
         2026, 3, 1, 12, tzinfo=dt.UTC
     )
+
+
+@pytest.mark.parametrize("moment", ["9999-12-31T23:00:00-14:00", "0001-01-01T00:30:00+14:00"])
+def test_timestamp_outside_the_utc_range_is_rejected_not_crashing(
+    make_event: MakeEvent, moment: str
+) -> None:
+    reason = only_problem(make_event(occurred_at=moment))
+    assert reason.startswith("occurred_at:") and repr(moment) in reason
+
+
+def test_text_that_cannot_be_utf8_is_rejected_not_crashing(
+    make_event: MakeEvent, sqlite_settings: Any
+) -> None:
+    line = json.dumps(make_event()).replace("test-adapter", "bad\ud800source")
+    assert "\ud800" in line
+    assert only_problem(line).startswith("event:")
+    with Ledger.open(sqlite_settings) as ledger:
+        good = make_event()
+        result = ledger.append([line, good])
+    assert result.accepted == 1
+    [rejection] = result.rejected
+    assert rejection.index == 0 and "UTF-8" in rejection.reason
