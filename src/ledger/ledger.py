@@ -322,7 +322,7 @@ class Ledger:
             new_rows = []
             for c in missing:
                 if c in wrapped:
-                    ciphers[c] = self.keys.load(c, wrapped[c])
+                    ciphers[c] = self._unwrap(c, wrapped[c])
                 else:
                     blob, ciphers[c] = self.keys.new_wrapped_key(c)
                     new_rows.append((c, blob))
@@ -379,7 +379,14 @@ class Ledger:
         if cached is not None:
             return cached
         wrapped = self.store.wrapped_key(customer_id)
-        return None if wrapped is None else self.keys.load(customer_id, wrapped)
+        return None if wrapped is None else self._unwrap(customer_id, wrapped)
+
+    def _unwrap(self, customer_id: str, wrapped: bytes) -> Any:
+        try:
+            return self.keys.load(customer_id, wrapped)
+        except kr.KeyError_ as exc:
+            # A wrong master key is a user's mistake, not a crash: say so in one sentence.
+            raise LedgerError(str(exc)) from None
 
     def history(
         self,
