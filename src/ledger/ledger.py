@@ -32,10 +32,11 @@ from ledger import keyring as kr
 from ledger.chain import GENESIS, SealError, chain_hash, seal, unseal
 from ledger.contract import (
     CHANNEL_OF,
+    ENVELOPE_FIELDS,
+    PAYLOAD_FIELDS,
     PERSONAL_FIELDS,
     ContractError,
-    CustomerForgotten,
-    Envelope,
+    Event,
     parse_event,
     parse_line,
 )
@@ -43,8 +44,9 @@ from ledger.settings import Settings
 from ledger.store import EventStore, StoredRow, open_store
 from ledger.store.base import Head
 
-Input = bytes | str | dict[str, Any] | Envelope
-_SORT = orjson.OPT_SORT_KEYS
+Input = bytes | str | dict[str, Any] | Event
+# Canonical JSON: sorted keys, UTC times with "Z", UUIDs and decimals as strings.
+_CANON = orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z
 
 
 class LedgerError(RuntimeError):
@@ -190,11 +192,11 @@ class Ledger:
 
     def validate(
         self, inputs: Iterable[Input], *, strict: bool | None = None
-    ) -> tuple[list[Envelope], list[Rejection]]:
+    ) -> tuple[list[Event], list[Rejection]]:
         """Split inputs into valid events and rejections (no storage involved)."""
         strict = self.strict if strict is None else strict
         now = dt.datetime.now(dt.UTC)
-        valid: list[Envelope] = []
+        valid: list[Event] = []
         rejected: list[Rejection] = []
         for index, item in enumerate(inputs):
             try:
@@ -228,11 +230,11 @@ class Ledger:
         return result
 
     def append_valid(
-        self, events: Sequence[Envelope], *, tracking: Sequence[Tracking] = ()
+        self, events: Sequence[Event], *, tracking: Sequence[Tracking] = ()
     ) -> AppendResult:
         """Append already-validated events (one transaction)."""
         result = AppendResult()
-        unique: dict[bytes, tuple[Envelope, dict[str, Any], dict[str, Any]]] = {}
+        unique: dict[bytes, tuple[Event, dict[str, Any], dict[str, Any]]] = {}
         for event in events:
             key = event.event_id.bytes
             if key in unique:
@@ -261,7 +263,7 @@ class Ledger:
     def _append_locked(
         self,
         session: Any,
-        unique: dict[bytes, tuple[Envelope, dict[str, Any], dict[str, Any]]],
+        unique: dict[bytes, tuple[Event, dict[str, Any], dict[str, Any]]],
         result: AppendResult,
         tracking: Sequence[Tracking],
     ) -> None:
@@ -293,10 +295,10 @@ class Ledger:
                     record["personal"] = kr.encrypt(
                         ciphers[event.customer_id],
                         nonces[n * kr.NONCE : (n + 1) * kr.NONCE],
-                        orjson.dumps(personal),
+                        orjson.dumps(personal, default=str, option=orjson.OPT_UTC_Z),
                         event.event_id.bytes,
                     )
-                state, digest = seal(orjson.dumps(record, option=_SORT), prev)
+                state, digest = seal(orjson.dumps(record, option=_CANON, default=str), prev)
                 heads[event.customer_id] = Head(sequence, digest)
                 rows.append(StoredRow(position, event.customer_id, sequence, record["type"], state))
                 event_ids.append(event.event_id.bytes)
@@ -455,11 +457,15 @@ class Ledger:
             for row in rows:
                 report.events += 1
                 if row.position != last_position + 1:
-                    flag(
-                        row.customer_id,
-                        row.sequence,
-                        row.position,
-                        f"positions {last_position + 1}..{row.position - 1} are missing",
+                    # Not flag(): this row's own chain may be intact and must still be checked,
+                    # or a deletion would hide alterations to the next customer's events.
+                    report.problems.append(
+                        Tampering(
+                            row.customer_id,
+                            row.sequence,
+                            row.position,
+                            f"positions {last_position + 1}..{row.position - 1} are missing",
+                        )
                     )
                 last_position = row.position
                 if row.customer_id in broken:
@@ -503,7 +509,7 @@ class Ledger:
                 "type": "customer_forgotten",
                 "occurred_at": dt.datetime.now(dt.UTC).isoformat(),
                 "source": "ledger-forget",
-                "payload": CustomerForgotten(reason=reason).model_dump(exclude_none=True),
+                "payload": {"reason": reason} if reason else {},
             }
         )
         with self.store.write() as session:
@@ -558,27 +564,32 @@ def _check_row(row: StoredRow, expected_seq: int, prev: str) -> str | None:
     return None
 
 
-def _split_personal(event: Envelope) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The event as JSON data, split into what stays clear and what gets encrypted."""
-    clear = event.model_dump(mode="json", exclude_none=True)
+def _split_personal(event: Event) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The event as data, split into what stays clear and what gets encrypted.
+
+    Identifiers, the type's personal payload fields and every unknown field (we cannot
+    know it is not personal) are encrypted; the rest stays readable for projections.
+    """
+    clear = dict(event)
     personal: dict[str, Any] = {}
     identifiers = clear.pop("identifiers", None)
     if identifiers:
         personal["identifiers"] = identifiers
+    extra = {k: clear.pop(k) for k in [k for k in clear if k not in ENVELOPE_FIELDS]}
     payload = clear["payload"]
-    extra: dict[str, Any] = {}
-    if event.model_extra:
-        for name in event.model_extra:
-            extra[name] = clear.pop(name, None)
-    payload_model = event.payload  # type: ignore[attr-defined]
-    if payload_model.model_extra:
-        for name in payload_model.model_extra:
-            extra[f"payload.{name}"] = payload.pop(name, None)
+    known = PAYLOAD_FIELDS[clear["type"]]
+    secret_names = PERSONAL_FIELDS[clear["type"]]
+    if not payload.keys() <= known or not secret_names.isdisjoint(payload):
+        payload = dict(payload)  # the caller's event stays untouched
+        for name in [k for k in payload if k not in known]:
+            extra[f"payload.{name}"] = payload.pop(name)
+        secret = {f: payload.pop(f) for f in secret_names if f in payload}
+        if secret:
+            personal["payload"] = secret
+        clear["payload"] = payload
     if extra:
         personal["extra"] = extra
-    secret = {f: payload.pop(f) for f in PERSONAL_FIELDS[clear["type"]] if f in payload}
-    if secret:
-        personal["payload"] = secret
+    clear.setdefault("schema_version", 1)
     return clear, personal
 
 
