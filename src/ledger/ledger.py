@@ -233,17 +233,19 @@ class Ledger:
         self, events: Sequence[Event], *, tracking: Sequence[Tracking] = ()
     ) -> AppendResult:
         """Append already-validated events (one transaction)."""
-        result = AppendResult()
+        in_batch_repeats = 0
         unique: dict[bytes, tuple[Event, dict[str, Any], dict[str, Any]]] = {}
         for event in events:
-            key = event.event_id.bytes
+            key = event["event_id"].bytes
             if key in unique:
-                result.duplicates += 1
+                in_batch_repeats += 1
             else:
                 unique[key] = (event, *_split_personal(event))
         if not unique and not tracking:
-            return result
+            return AppendResult(duplicates=in_batch_repeats)
         for attempt in range(5):
+            # A fresh result per attempt: a rolled-back attempt must not leave counts behind.
+            result = AppendResult(duplicates=in_batch_repeats)
             try:
                 with self.store.write() as session:
                     self._append_locked(session, unique, result, tracking)
@@ -258,7 +260,7 @@ class Ledger:
                     raise LedgerError(
                         f"the ledger at {self.store.location} stayed locked by another writer"
                     ) from None
-        return result
+        raise AssertionError("unreachable: the retry loop returns or raises")
 
     def _append_locked(
         self,
@@ -270,10 +272,9 @@ class Ledger:
         ids = list(unique)
         seen = session.existing_event_ids(ids) if ids else set()
         fresh = [unique[i] for i in ids if i not in seen]
-        stored_before = result.duplicates
-        result.duplicates = stored_before + len(seen)
+        result.duplicates += len(seen)
         if fresh:
-            customers = list(dict.fromkeys(e.customer_id for e, _, _ in fresh))
+            customers = list(dict.fromkeys(e["customer_id"] for e, _, _ in fresh))
             heads = session.heads(customers)
             ciphers = self._ciphers_for(session, customers)
             position = session.max_position()
@@ -281,27 +282,29 @@ class Ledger:
             nonces = os.urandom(kr.NONCE * len(fresh))
             rows: list[StoredRow] = []
             event_ids: list[bytes] = []
-            for n, (event, clear, personal) in enumerate(fresh):
+            encrypt, dumps, width = kr.encrypt, orjson.dumps, kr.NONCE
+            # The hot loop of the ledger: keep per-event work to dict stores and C calls.
+            for n, (event, record, personal) in enumerate(fresh):
+                customer = event["customer_id"]
+                event_id = event["event_id"].bytes
                 position += 1
-                head = heads.get(event.customer_id)
-                sequence = head.sequence + 1 if head else 1
-                prev = head.hash if head else GENESIS
-                record = dict(clear)
+                head = heads.get(customer)
+                sequence, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
                 record["position"] = position
                 record["sequence"] = sequence
                 record["recorded_at"] = recorded_at
                 record["prev_hash"] = prev
                 if personal:
-                    record["personal"] = kr.encrypt(
-                        ciphers[event.customer_id],
-                        nonces[n * kr.NONCE : (n + 1) * kr.NONCE],
-                        orjson.dumps(personal, default=str, option=orjson.OPT_UTC_Z),
-                        event.event_id.bytes,
+                    record["personal"] = encrypt(
+                        ciphers[customer],
+                        nonces[n * width : (n + 1) * width],
+                        dumps(personal, default=str, option=orjson.OPT_UTC_Z),
+                        event_id,
                     )
-                state, digest = seal(orjson.dumps(record, option=_CANON, default=str), prev)
-                heads[event.customer_id] = Head(sequence, digest)
-                rows.append(StoredRow(position, event.customer_id, sequence, record["type"], state))
-                event_ids.append(event.event_id.bytes)
+                state, digest = seal(dumps(record, option=_CANON, default=str), prev)
+                heads[customer] = Head(sequence, digest)
+                rows.append(StoredRow(position, customer, sequence, record["type"], state))
+                event_ids.append(event_id)
             session.insert_events(rows, event_ids)
             session.upsert_heads({c: heads[c] for c in customers})
             result.accepted += len(rows)
@@ -311,25 +314,20 @@ class Ledger:
             session.record_tracking(tracking)
 
     def _ciphers_for(self, session: Any, customers: list[str]) -> dict[str, Any]:
+        # Read under the writer lock on every batch (one indexed query, ~1 ms per 2,000
+        # customers), not only on a cache miss: another process may have forgotten the
+        # customer since we cached the key, and a destroyed key must never encrypt new data.
+        wrapped = session.wrapped_keys(customers)
         ciphers: dict[str, Any] = {}
-        missing = []
+        new_rows = []
         for c in customers:
-            cached = self.keys.cached(c)
-            if cached is None:
-                missing.append(c)
+            if c in wrapped:
+                ciphers[c] = self._unwrap(c, wrapped[c])
             else:
-                ciphers[c] = cached
-        if missing:
-            wrapped = session.wrapped_keys(missing)
-            new_rows = []
-            for c in missing:
-                if c in wrapped:
-                    ciphers[c] = self._unwrap(c, wrapped[c])
-                else:
-                    blob, ciphers[c] = self.keys.new_wrapped_key(c)
-                    new_rows.append((c, blob))
-            if new_rows:
-                session.insert_keys(new_rows)
+                blob, ciphers[c] = self.keys.new_wrapped_key(c)
+                new_rows.append((c, blob))
+        if new_rows:
+            session.insert_keys(new_rows)
         return ciphers
 
     # ------------------------------------------------------------------ reading
@@ -513,14 +511,16 @@ class Ledger:
             }
         )
         with self.store.write() as session:
-            existed = session.delete_key(customer_id)
+            existed = bool(session.wrapped_keys([customer_id]))
             if existed:
+                # Append before deleting: appending for a customer without a key makes one.
                 self._append_locked(
                     session,
                     {event.event_id.bytes: (event, *_split_personal(event))},
                     AppendResult(),
                     (),
                 )
+                session.delete_key(customer_id)
         self.keys.drop(customer_id)
         checkpoint = getattr(self.store, "checkpoint", None)
         if checkpoint:

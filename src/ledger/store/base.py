@@ -24,7 +24,6 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from eventsourcing.persistence import Tracking
@@ -38,8 +37,9 @@ class StoredRow(NamedTuple):
     state: bytes
 
 
-@dataclass(frozen=True)
-class Head:
+class Head(NamedTuple):
+    """The end of one customer's chain: last sequence and its hash."""
+
     sequence: int
     hash: str
 
