@@ -65,6 +65,9 @@ class Keyring:
     def __init__(self, master_key: bytes):
         self._master = AESGCM(master_key)
         self._ciphers: dict[str, AESGCM] = {}
+        # The wrapped key each cached cipher came from: a cached cipher is reused only for
+        # the same stored key, never after the key was deleted (forget) and re-created.
+        self._wrapped: dict[str, bytes] = {}
 
     def new_wrapped_key(self, customer_id: str) -> tuple[bytes, AESGCM]:
         key = AESGCM.generate_key(bit_length=256)
@@ -72,11 +75,12 @@ class Keyring:
         wrapped = nonce + self._master.encrypt(nonce, key, b"ledger-key:" + customer_id.encode())
         cipher = AESGCM(key)
         self._ciphers[customer_id] = cipher
+        self._wrapped[customer_id] = wrapped
         return wrapped, cipher
 
     def load(self, customer_id: str, wrapped: bytes) -> AESGCM:
         cached = self._ciphers.get(customer_id)
-        if cached is not None:
+        if cached is not None and self._wrapped.get(customer_id) == wrapped:
             return cached
         try:
             key = self._master.decrypt(
@@ -89,6 +93,7 @@ class Keyring:
             ) from None
         cipher = AESGCM(key)
         self._ciphers[customer_id] = cipher
+        self._wrapped[customer_id] = bytes(wrapped)
         return cipher
 
     def cached(self, customer_id: str) -> AESGCM | None:
@@ -96,6 +101,7 @@ class Keyring:
 
     def drop(self, customer_id: str) -> None:
         self._ciphers.pop(customer_id, None)
+        self._wrapped.pop(customer_id, None)
 
 
 def encrypt(cipher: AESGCM, nonce: bytes, plaintext: bytes, event_id: bytes) -> str:
