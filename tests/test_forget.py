@@ -1,0 +1,208 @@
+"""Personal data is encrypted at rest, and ``forget`` crypto-shreds one customer: their
+personal fields become unreadable everywhere (history, the database file, its WAL), while
+every chain still verifies and other customers are untouched."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ledger.ledger import Ledger
+from ledger.settings import Settings
+
+MakeEvent = Callable[..., dict[str, Any]]
+
+# Distinctive clear text per customer, so a grep of the database bytes cannot hit by chance.
+SECRETS = {
+    "cus_alice": {
+        "email": "alice.wunderland@example.org",
+        "name": "Alice Wunderland",
+        "text": "my card ending 4242 was charged twice",
+        "form": "please call alice on the landline",
+        "extra": "alice-private-utm-value",
+    },
+    "cus_bob": {
+        "email": "bob.baumeister@example.org",
+        "name": "Bob Baumeister",
+        "text": "bob wants to cancel the subscription",
+        "form": "bob prefers contact by post",
+        "extra": "bob-private-utm-value",
+    },
+}
+
+
+def personal_events(make_event: MakeEvent, customer: str) -> list[dict[str, Any]]:
+    s = SECRETS[customer]
+    ids = {"email": s["email"], "name": s["name"], "phone": "+4915112345678"}
+    form = {"form_id": "contact", "fields": {"message": s["form"]}}
+    return [
+        make_event(customer, "page_viewed", identifiers={"anonymous_id": f"anon-{customer}"}),
+        make_event(customer, "form_submitted", identifiers=ids, payload=form),
+        make_event(
+            customer,
+            "chat_message",
+            identifiers=ids,
+            payload={
+                "conversation_id": f"conv-{customer}",
+                "direction": "inbound",
+                "text": s["text"],
+            },
+            utm_content=s["extra"],
+        ),
+        make_event(customer, "order_placed"),  # no personal data at all
+    ]
+
+
+def fill(settings: Settings, make_event: MakeEvent) -> None:
+    with Ledger.open(settings) as ledger:
+        events = personal_events(make_event, "cus_alice") + personal_events(make_event, "cus_bob")
+        assert ledger.append(events).accepted == 8
+
+
+def db_bytes(settings: Settings) -> bytes:
+    """The SQLite database as it sits on disk: main file plus write-ahead log."""
+    path = settings.sqlite_path
+    wal = Path(f"{path}-wal")
+    return path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+
+
+def secrets_in(data: bytes, customer: str) -> list[str]:
+    return [value for value in SECRETS[customer].values() if value.encode() in data]
+
+
+def assert_readable(ledger: Ledger, customer: str) -> None:
+    s = SECRETS[customer]
+    history = ledger.history(customer)
+    assert [e.type for e in history][:4] == [
+        "page_viewed",
+        "form_submitted",
+        "chat_message",
+        "order_placed",
+    ]
+    assert not any(e.erased for e in history)
+    assert history[1].identifiers == {
+        "email": s["email"],
+        "name": s["name"],
+        "phone": "+4915112345678",
+    }
+    assert history[1].payload["fields"] == {"message": s["form"]}
+    assert history[2].payload["text"] == s["text"]
+    assert history[2].extra == {"utm_content": s["extra"]}
+
+
+def test_forget_erases_personal_fields_keeps_chains_and_other_customers(
+    settings: Settings, make_event: MakeEvent
+) -> None:
+    fill(settings, make_event)
+    with Ledger.open(settings) as ledger:
+        assert_readable(ledger, "cus_alice")
+        before = {e.position: e.hash for e in ledger.read(limit=100)}
+        assert ledger.forget("cus_alice", reason="GDPR art. 17 request")
+        history = ledger.history("cus_alice")
+        # The history stays complete: same events, same hashes, plus the fact of forgetting.
+        assert [e.type for e in history] == [
+            "page_viewed",
+            "form_submitted",
+            "chat_message",
+            "order_placed",
+            "customer_forgotten",
+        ]
+        for event in history[:4]:
+            assert event.hash == before[event.position]
+            assert event.identifiers is None and event.extra == {}
+        # Events that carried personal data say so; one that had none is simply intact.
+        assert [e.erased for e in history] == [True, True, True, False, False]
+        assert "fields" not in history[1].payload and history[1].payload["form_id"] == "contact"
+        assert "text" not in history[2].payload
+        assert history[2].payload == {"conversation_id": "conv-cus_alice", "direction": "inbound"}
+        assert history[3].payload["total"] == {"amount": "19.99", "currency": "EUR"}
+        assert history[4].sequence == 5 and history[4].payload == {"reason": "GDPR art. 17 request"}
+        assert_readable(ledger, "cus_bob")
+        report = ledger.verify()
+        assert (report.ok, report.events, report.customers) == (True, 9, 2)
+        assert not ledger.forget("cus_alice")  # already forgotten: nothing to destroy
+        assert not ledger.forget("cus_nobody")
+        assert ledger.position == 9
+        raw = b"".join(row.state for row in ledger.read_raw())
+        assert secrets_in(raw, "cus_alice") == [] and secrets_in(raw, "cus_bob") == []
+    # Another process (a fresh ledger) sees the same.
+    with Ledger.open(settings) as ledger:
+        assert [e.erased for e in ledger.history("cus_alice")][:3] == [True, True, True]
+        assert_readable(ledger, "cus_bob")
+
+
+def test_forget_leaves_no_plaintext_or_key_in_the_sqlite_file(
+    sqlite_settings: Settings, make_event: MakeEvent
+) -> None:
+    fill(sqlite_settings, make_event)
+    with Ledger.open(sqlite_settings) as ledger:
+        # Encryption at rest: neither customer's personal data is on disk in the clear,
+        # though history decrypts it.
+        on_disk = db_bytes(sqlite_settings)
+        assert secrets_in(on_disk, "cus_alice") == [] and secrets_in(on_disk, "cus_bob") == []
+        assert_readable(ledger, "cus_alice")
+        wrapped = ledger.store.wrapped_key("cus_alice")
+        assert wrapped is not None and wrapped in on_disk
+        assert ledger.forget("cus_alice")
+        # While the ledger is still open (WAL present or not), the wrapped key is gone from
+        # every byte on disk: no master key can bring Alice's data back.
+        on_disk = db_bytes(sqlite_settings)
+        assert wrapped not in on_disk
+        assert secrets_in(on_disk, "cus_alice") == [] and secrets_in(on_disk, "cus_bob") == []
+        assert ledger.verify().ok
+    on_disk = db_bytes(sqlite_settings)
+    assert wrapped not in on_disk and secrets_in(on_disk, "cus_alice") == []
+
+
+def test_events_after_forget_are_readable_under_a_new_key(
+    settings: Settings, make_event: MakeEvent
+) -> None:
+    fill(settings, make_event)
+    with Ledger.open(settings) as ledger:
+        ledger.forget("cus_alice")
+        comeback = make_event(
+            "cus_alice", "chat_message", identifiers={"email": "new.alice@example.org"}
+        )
+        assert ledger.append([comeback]).accepted == 1
+        history = ledger.history("cus_alice")
+        assert [e.erased for e in history] == [True, True, True, False, False, False]
+        [again] = [e for e in history if e.event_id == comeback["event_id"]]
+        assert again.identifiers == {"email": "new.alice@example.org"}
+        assert ledger.verify().ok
+
+
+def test_forget_in_another_process_is_honoured_by_an_open_ledger(
+    settings: Settings, make_event: MakeEvent
+) -> None:
+    """A long-running writer (an ingest worker) must not keep using a destroyed key."""
+    fill(settings, make_event)
+    with Ledger.open(settings) as worker, Ledger.open(settings) as admin:
+        assert worker.history("cus_alice")[1].identifiers is not None  # key now cached
+        assert admin.forget("cus_alice")
+        later = make_event("cus_alice", "chat_message", identifiers={"name": "Alice Again"})
+        assert worker.append([later]).accepted == 1
+        # Whatever the worker wrote after the forget is readable by everyone, i.e. it was
+        # not encrypted with the destroyed key (which would make it unreadable garbage).
+        with Ledger.open(settings) as reader:
+            [event] = [e for e in reader.history("cus_alice") if e.event_id == later["event_id"]]
+            assert not event.erased
+            assert event.identifiers == {"name": "Alice Again"}
+
+
+@pytest.mark.parametrize("decrypt", [False, True])
+def test_global_log_read_never_exposes_a_forgotten_customer(
+    sqlite_settings: Settings, make_event: MakeEvent, decrypt: bool
+) -> None:
+    fill(sqlite_settings, make_event)
+    with Ledger.open(sqlite_settings) as ledger:
+        ledger.forget("cus_alice")
+        events = ledger.read(limit=100, decrypt=decrypt)
+        alice = [e for e in events if e.customer_id == "cus_alice"]
+        assert all(e.identifiers is None and "text" not in e.payload for e in alice)
+        bob_chat = next(
+            e for e in events if e.customer_id == "cus_bob" and e.type == "chat_message"
+        )
+        assert ("text" in bob_chat.payload) is decrypt
