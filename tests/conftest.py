@@ -142,3 +142,53 @@ def build_event(
 def make_event() -> Callable[..., dict[str, Any]]:
     """Factory of valid event dicts, see :func:`build_event`."""
     return build_event
+
+
+# --- Kafka (issue 4): a real Tansu broker per session, see tests/broker.py ---------------
+
+
+def _broker_or_skip() -> Any:
+    from broker import Broker, BrokerUnavailable
+
+    try:
+        return Broker()
+    except BrokerUnavailable as exc:
+        if os.environ.get("LEDGER_REQUIRE_KAFKA") == "1":
+            pytest.fail(f"{exc}, and LEDGER_REQUIRE_KAFKA=1 requires the broker")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[Any]:
+    """The session's Tansu broker on a free loopback port (never stopped by a test)."""
+    broker = _broker_or_skip()
+    broker.start()
+    yield broker
+    broker.close()
+
+
+@pytest.fixture
+def own_broker() -> Iterator[Any]:
+    """A broker for one test that may stop or kill it."""
+    broker = _broker_or_skip()
+    broker.start()
+    yield broker
+    broker.close()
+
+
+@pytest.fixture
+def kafka_settings(kafka_broker: Any, tmp_path: Path) -> Settings:
+    """Settings for the session broker, test client timeouts, and topics/group of this test only."""
+    from broker import client_settings
+
+    tag = uuid.uuid4().hex[:8]
+    return Settings(
+        home=tmp_path / "home",
+        master_key=TEST_MASTER_KEY,
+        topic_touchpoints=f"touchpoints-{tag}",
+        topic_dlq=f"touchpoints-{tag}.dlq",
+        topic_lifecycle=f"lifecycle-{tag}",
+        consumer_group=f"ledger-ingest-{tag}",
+        partitions=4,
+        **client_settings(kafka_broker.bootstrap),
+    )

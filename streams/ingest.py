@@ -1,0 +1,303 @@
+"""The ingest worker: touchpoints topic -> ledger, exactly-once in effect.
+
+Run it with ``ledger worker ingest`` (or ``faust -A streams.ingest worker --without-web``
+from the project directory). Several may run in one consumer group; Kafka spreads
+the partitions over them.
+
+Why it cannot lose or double anything, even when killed at any instant:
+
+* Each batch is appended in one ledger transaction together with a tracking row
+  per partition, ``kafka:<topic>:<partition>`` = the last offset consumed. The
+  offsets the ledger holds are the truth; Kafka's committed offsets are not
+  consulted (faust still commits them, harmlessly).
+* On start and on every partition assignment, and whenever faust would seek to
+  Kafka's committed offsets, the consumer seeks instead to the offset after the
+  one stored in the ledger (:class:`LedgerSeekingConsumer`).
+* Messages at or below the stored offset (redelivered after a rebalance, or
+  prefetched before a seek) are dropped before appending, and when another
+  worker got there first the append raises ``StaleTracking``: the stored offsets
+  are re-read and the batch filtered again. Appends are idempotent by event_id
+  too, so a producer's duplicates are stored once.
+* Invalid messages go to the dead-letter topic (original bytes as the value,
+  the reasons in headers) *before* the transaction that moves the offset past
+  them commits: a crash in between re-sends a dead letter, never drops one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import faust
+import orjson
+from eventsourcing.persistence import Tracking
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
+from faust.types import TP
+
+from ledger.contract import ContractError, Envelope, parse_line
+from ledger.ledger import Ledger, StaleTracking
+from ledger.settings import Settings
+
+log = logging.getLogger("ledger.ingest")
+
+#: How long a partial batch waits for more messages before it is appended.
+BATCH_WINDOW_S = 0.2
+
+
+class Message(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    message: Message
+    problems: list[str]
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.problems)
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        """The original headers plus where the message came from and why it was rejected."""
+        now = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+        return [
+            *self.message.headers,
+            ("ledger_reason", self.reason.encode()),
+            ("ledger_problems", orjson.dumps(self.problems)),
+            ("ledger_source_topic", self.message.topic.encode()),
+            ("ledger_source_partition", str(self.message.partition).encode()),
+            ("ledger_source_offset", str(self.message.offset).encode()),
+            ("ledger_rejected_at", now.encode()),
+        ]
+
+
+@dataclass
+class Batch:
+    valid: list[Envelope] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    #: partition -> last offset in this batch (recorded with the events)
+    last_offsets: dict[int, int] = field(default_factory=dict)
+    skipped: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.last_offsets
+
+
+def tracking_name(topic: str, partition: int) -> str:
+    return f"kafka:{topic}:{partition}"
+
+
+class IngestProcessor:
+    """The broker-independent half of the worker: filter, validate, append with offsets."""
+
+    def __init__(self, ledger: Ledger, topic: str, *, strict: bool = False) -> None:
+        self.ledger = ledger
+        self.topic = topic
+        self.strict = strict
+        #: partition -> last offset the ledger holds (None: nothing yet), as last read/written.
+        self.stored: dict[int, int | None] = {}
+
+    def refresh(self, partitions: Iterable[int]) -> dict[int, int | None]:
+        """Re-read the stored offsets of ``partitions`` from the ledger."""
+        for p in partitions:
+            self.stored[p] = self.ledger.store.tracking_position(tracking_name(self.topic, p))
+        return {p: self.stored[p] for p in partitions}
+
+    def resume_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
+        """Where to start reading each partition: just past what the ledger holds."""
+        stored = self.refresh(list(partitions))
+        return {p: 0 if last is None else last + 1 for p, last in stored.items()}
+
+    def prepare(self, messages: Iterable[Message]) -> Batch:
+        batch = Batch()
+        for m in messages:
+            if m.partition not in self.stored:
+                self.refresh([m.partition])
+            done = self.stored[m.partition]
+            if done is not None and m.offset <= done:
+                batch.skipped += 1
+                continue
+            if m.offset > batch.last_offsets.get(m.partition, -1):
+                batch.last_offsets[m.partition] = m.offset
+            try:
+                batch.valid.append(parse_line(m.value, strict=self.strict))
+            except ContractError as exc:
+                batch.dead.append(DeadLetter(m, exc.problems))
+        return batch
+
+    def commit(self, batch: Batch, messages: Sequence[Message]) -> tuple[int, int]:
+        """Append the batch with its offsets; returns (accepted, duplicates)."""
+        for _ in range(10):
+            if batch.empty:
+                return 0, 0
+            tracking = [
+                Tracking(tracking_name(self.topic, p), offset)
+                for p, offset in sorted(batch.last_offsets.items())
+            ]
+            try:
+                result = self.ledger.append_valid(batch.valid, tracking=tracking)
+            except StaleTracking:
+                # Another worker (before a rebalance) appended some of these: skip what it did.
+                self.refresh(batch.last_offsets)
+                batch = self.prepare(messages)
+                continue
+            self.stored.update(batch.last_offsets)
+            return result.accepted, result.duplicates
+        raise StaleTracking("the stored offsets kept moving under this worker for 10 attempts")
+
+
+# --------------------------------------------------------------------------- faust wiring
+
+
+class LedgerSeekingConsumer(AIOKafkaConsumer):
+    """Faust's consumer, seeking to the offsets stored in the ledger instead of Kafka's."""
+
+    async def perform_seek(self) -> None:
+        await super().perform_seek()
+        app = self.app
+        if not isinstance(app, IngestApp):
+            return
+        assigned = {tp for tp in self.assignment() if tp.topic == app.settings.topic_touchpoints}
+        if not assigned:
+            return
+        processor = await asyncio.to_thread(lambda: app.processor)
+        offsets = await asyncio.to_thread(
+            processor.resume_offsets, [tp.partition for tp in assigned]
+        )
+        for tp in assigned:
+            await self.seek(tp, offsets[tp.partition])
+        log.info(
+            "resumed from the ledger's offsets: %s",
+            ", ".join(f"{p}@{o}" for p, o in sorted(offsets.items())),
+        )
+
+
+class LedgerTransport(AIOKafkaTransport):
+    Consumer = LedgerSeekingConsumer
+
+
+class IngestApp(faust.App):
+    """A faust app that owns one ledger connection, opened on first use."""
+
+    def __init__(self, settings: Settings, **options: Any) -> None:
+        super().__init__(settings.consumer_group, autodiscover=False, **options)
+        self.settings = settings
+        self._processor: IngestProcessor | None = None
+
+    @property
+    def processor(self) -> IngestProcessor:
+        if self._processor is None:
+            self._processor = IngestProcessor(
+                Ledger.open(self.settings),
+                self.settings.topic_touchpoints,
+                strict=self.settings.strict,
+            )
+        return self._processor
+
+    def _new_transport(self) -> Any:
+        return LedgerTransport(self.conf.broker_consumer, self)
+
+
+def faust_settings(settings: Settings) -> dict[str, Any]:
+    """faust App options from LEDGER_* settings (timeouts per shared/BROKER.md)."""
+    if not settings.kafka:
+        raise ValueError("LEDGER_KAFKA is not set: expected the Kafka bootstrap servers")
+    return {
+        "broker": [f"kafka://{server.strip()}" for server in settings.kafka.split(",")],
+        "topic_partitions": settings.partitions,
+        "topic_replication_factor": settings.replication_factor,
+        "processing_guarantee": "at_least_once",
+        "broker_session_timeout": settings.kafka_session_timeout_ms / 1000,
+        "broker_heartbeat_interval": settings.kafka_heartbeat_interval_ms / 1000,
+        "broker_rebalance_timeout": settings.kafka_rebalance_timeout_s,
+        "broker_commit_interval": settings.kafka_commit_interval_s,
+        "broker_request_timeout": settings.kafka_request_timeout_ms / 1000,
+        "consumer_auto_offset_reset": "earliest",
+        "producer_acks": -1,
+        "web_enabled": False,
+        "store": "memory://",
+        "datadir": str(settings.home / "faust"),
+    }
+
+
+def create_app(settings: Settings | None = None) -> IngestApp:
+    settings = settings or Settings()
+    app = IngestApp(settings, **faust_settings(settings))
+    source = app.topic(
+        settings.topic_touchpoints,
+        value_type=bytes,
+        key_type=bytes,
+        value_serializer="raw",
+        key_serializer="raw",
+    )
+    dlq = app.topic(
+        settings.topic_dlq,
+        value_type=bytes,
+        key_type=bytes,
+        value_serializer="raw",
+        key_serializer="raw",
+    )
+
+    @app.agent(source)
+    async def ingest(stream: Any) -> None:
+        proc = await asyncio.to_thread(lambda: app.processor)
+        async for events in stream.take_events(settings.batch_size, within=BATCH_WINDOW_S):
+            messages = [
+                Message(
+                    e.message.topic,
+                    e.message.partition,
+                    e.message.offset,
+                    e.message.key,
+                    e.message.value or b"",
+                    list(e.message.headers or ()),
+                )
+                for e in events
+            ]
+            batch = await asyncio.to_thread(proc.prepare, messages)
+            if batch.dead:
+                sent = [
+                    await dlq.send(key=d.message.key, value=d.message.value, headers=d.headers())
+                    for d in batch.dead
+                ]
+                # The dead letters must be on the broker before the offsets move past them.
+                await asyncio.gather(*sent)
+            accepted, duplicates = await asyncio.to_thread(proc.commit, batch, messages)
+            log.info(
+                "batch of %d: %d appended, %d duplicates, %d dead-lettered, %d already applied",
+                len(messages),
+                accepted,
+                duplicates,
+                len(batch.dead),
+                batch.skipped,
+            )
+
+    return app
+
+
+def run_worker(app: faust.App, loglevel: str = "INFO") -> None:
+    """Run the worker in this process until SIGTERM/SIGINT (no web server)."""
+    from faust.worker import Worker
+
+    app.conf.web_enabled = False
+    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+
+
+def __getattr__(name: str) -> Any:
+    # ``faust -A streams.ingest`` looks up ``app``; build it from LEDGER_* only when asked.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)
+
+
+__all__ = ["TP", "IngestProcessor", "Message", "create_app", "run_worker"]
