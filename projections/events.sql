@@ -1,0 +1,35 @@
+-- Load one batch of the ledger into `events`. The runner registers the batch as the
+-- Arrow table `batch_raw` (position, customer_id, sequence, body, has_personal), where
+-- body is the sealed event's canonical JSON; DuckDB parses it once per row.
+
+-- name: load
+INSERT INTO events
+SELECT position, customer_id, sequence,
+       j.event_id, j.type, j.channel, j.occurred_at, j.recorded_at, j.source,
+       j.payload.order_id,
+       coalesce(j.payload.total.amount, j.payload.amount.amount),
+       coalesce(j.payload.total.currency, j.payload.amount.currency),
+       j.payload.form_id, j.payload.ticket_id, j.payload.priority, j.payload.satisfaction,
+       j.payload.purpose, j.payload.status, j.payload.direction, j.payload.outcome,
+       j.payload.sentiment, j.payload.campaign_id, j.payload.bounce_type, j.payload.url,
+       has_personal
+FROM (
+    SELECT position, customer_id, sequence, has_personal, json_transform(body, '{
+        "event_id": "UUID", "type": "VARCHAR", "channel": "VARCHAR",
+        "occurred_at": "TIMESTAMPTZ", "recorded_at": "TIMESTAMPTZ", "source": "VARCHAR",
+        "payload": {
+            "order_id": "VARCHAR",
+            "total": {"amount": "DECIMAL(18,4)", "currency": "VARCHAR"},
+            "amount": {"amount": "DECIMAL(18,4)", "currency": "VARCHAR"},
+            "form_id": "VARCHAR", "ticket_id": "VARCHAR", "priority": "VARCHAR",
+            "satisfaction": "INTEGER", "purpose": "VARCHAR", "status": "VARCHAR",
+            "direction": "VARCHAR", "outcome": "VARCHAR", "sentiment": "VARCHAR",
+            "campaign_id": "VARCHAR", "bounce_type": "VARCHAR", "url": "VARCHAR"
+        }
+    }') AS j
+    FROM batch_raw
+);
+
+-- name: affected
+CREATE OR REPLACE TEMP TABLE affected AS
+SELECT DISTINCT customer_id FROM batch_raw;

@@ -1,0 +1,37 @@
+-- customer_identifiers: the latest value of each identifier (email, phone, name, user_id,
+-- anonymous_id, social_handle) per customer, by event time (ties: ledger position).
+-- The runner decrypts the batch's personal data and registers `batch_identifiers`
+-- (position, field, value). A `customer_forgotten` event erases every value recorded at
+-- an earlier position; values from later events (a returning customer, new key) show again.
+
+-- name: erase
+DELETE FROM customer_identifiers i
+USING (
+    SELECT customer_id, max(position) AS forgotten_at_position
+    FROM events
+    WHERE type = 'customer_forgotten' AND customer_id IN (SELECT customer_id FROM affected)
+    GROUP BY customer_id
+) f
+WHERE i.customer_id = f.customer_id AND i.position < f.forgotten_at_position;
+
+-- name: merge
+INSERT INTO customer_identifiers
+SELECT customer_id, field,
+       arg_max(value, {t: occurred_at, p: position}),
+       max(occurred_at),
+       arg_max(position, {t: occurred_at, p: position})
+FROM (
+    SELECT e.customer_id, b.field, b.value, e.occurred_at, e.position
+    FROM batch_identifiers b
+    JOIN events e ON e.position = b.position
+    WHERE e.position > coalesce((
+        SELECT max(f.position) FROM events f
+        WHERE f.type = 'customer_forgotten' AND f.customer_id = e.customer_id
+    ), 0)
+)
+GROUP BY customer_id, field
+ON CONFLICT (customer_id, field) DO UPDATE SET
+    value = excluded.value, occurred_at = excluded.occurred_at, position = excluded.position
+WHERE excluded.occurred_at > customer_identifiers.occurred_at
+   OR (excluded.occurred_at = customer_identifiers.occurred_at
+       AND excluded.position > customer_identifiers.position);

@@ -1,0 +1,184 @@
+-- The tables the projection runner owns (DuckDB). Read by the runner at start-up;
+-- every statement is idempotent. Times are TIMESTAMPTZ (the runner sets TimeZone=UTC).
+
+-- name: schema
+CREATE TABLE IF NOT EXISTS projection_state (
+    id               INTEGER PRIMARY KEY CHECK (id = 1),
+    position         BIGINT NOT NULL,      -- last ledger position applied to every table below
+    derived_position BIGINT NOT NULL,      -- position rfm / churn_* were last computed at
+    as_of_setting    TIMESTAMPTZ,          -- --as-of given by the user; NULL = latest event time
+    as_of            TIMESTAMPTZ,          -- reference date rfm / churn_* were computed for
+    changes          BIGINT NOT NULL       -- last lifecycle_changes.seq
+);
+
+-- A columnar copy of the ledger's clear (non-personal) fields, one row per event.
+CREATE TABLE IF NOT EXISTS events (
+    position         BIGINT NOT NULL,
+    customer_id      VARCHAR NOT NULL,
+    sequence         BIGINT NOT NULL,
+    event_id         UUID NOT NULL,
+    type             VARCHAR NOT NULL,
+    channel          VARCHAR NOT NULL,
+    occurred_at      TIMESTAMPTZ NOT NULL,
+    recorded_at      TIMESTAMPTZ NOT NULL,
+    source           VARCHAR NOT NULL,
+    order_id         VARCHAR,
+    amount           DECIMAL(18, 4),       -- order total (order_placed) or refund (order_refunded)
+    currency         VARCHAR,
+    form_id          VARCHAR,
+    ticket_id        VARCHAR,
+    priority         VARCHAR,
+    satisfaction     INTEGER,
+    purpose          VARCHAR,
+    status           VARCHAR,
+    direction        VARCHAR,
+    outcome          VARCHAR,
+    sentiment        VARCHAR,
+    campaign_id      VARCHAR,
+    bounce_type      VARCHAR,
+    url              VARCHAR,
+    has_personal     BOOLEAN NOT NULL
+);
+
+-- Latest value of each identifier per customer (decrypted; erased by forget).
+CREATE TABLE IF NOT EXISTS customer_identifiers (
+    customer_id      VARCHAR NOT NULL,
+    field            VARCHAR NOT NULL,
+    value            VARCHAR NOT NULL,
+    occurred_at      TIMESTAMPTZ NOT NULL,
+    position         BIGINT NOT NULL,
+    PRIMARY KEY (customer_id, field)
+);
+
+CREATE TABLE IF NOT EXISTS customer_facts (
+    customer_id              VARCHAR PRIMARY KEY,
+    first_seen               TIMESTAMPTZ NOT NULL,
+    last_seen                TIMESTAMPTZ NOT NULL,
+    events                   BIGINT NOT NULL,
+    web_events               BIGINT NOT NULL,
+    email_events             BIGINT NOT NULL,
+    chat_events              BIGINT NOT NULL,
+    call_events              BIGINT NOT NULL,
+    social_events            BIGINT NOT NULL,
+    commerce_events          BIGINT NOT NULL,
+    support_events           BIGINT NOT NULL,
+    system_events            BIGINT NOT NULL,
+    page_viewed              BIGINT NOT NULL,
+    form_submitted           BIGINT NOT NULL,
+    email_sent               BIGINT NOT NULL,
+    email_opened             BIGINT NOT NULL,
+    email_clicked            BIGINT NOT NULL,
+    email_bounced            BIGINT NOT NULL,
+    chat_message             BIGINT NOT NULL,
+    call_completed           BIGINT NOT NULL,
+    social_mention           BIGINT NOT NULL,
+    order_placed             BIGINT NOT NULL,
+    order_refunded           BIGINT NOT NULL,
+    ticket_opened            BIGINT NOT NULL,
+    ticket_resolved          BIGINT NOT NULL,
+    consent_changed          BIGINT NOT NULL,
+    orders                   BIGINT NOT NULL,
+    revenue                  DECIMAL(18, 4) NOT NULL,
+    refunds                  DECIMAL(18, 4) NOT NULL,
+    net_revenue              DECIMAL(18, 4) NOT NULL,
+    currencies               VARCHAR,
+    first_order_at           TIMESTAMPTZ,
+    last_order_at            TIMESTAMPTZ,
+    open_tickets             BIGINT NOT NULL,
+    last_contact_at          TIMESTAMPTZ,
+    last_contact_channel     VARCHAR,
+    consent_email_marketing  VARCHAR,
+    consent_sms_marketing    VARCHAR,
+    consent_call_marketing   VARCHAR,
+    consent_tracking         VARCHAR,
+    consent_profiling        VARCHAR,
+    erased                   BOOLEAN NOT NULL,
+    forgotten_at             TIMESTAMPTZ
+);
+
+CREATE TABLE IF NOT EXISTS lifecycle (
+    customer_id      VARCHAR PRIMARY KEY,
+    stage            VARCHAR NOT NULL,
+    previous_stage   VARCHAR,
+    since            TIMESTAMPTZ NOT NULL,
+    change_id        UUID NOT NULL,
+    event_id         UUID NOT NULL,
+    transitions      INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS lifecycle_history (
+    customer_id      VARCHAR NOT NULL,
+    step             INTEGER NOT NULL,     -- 1, 2, ... in event-time order
+    change_id        UUID NOT NULL,
+    from_stage       VARCHAR,
+    to_stage         VARCHAR NOT NULL,
+    event_id         UUID NOT NULL,
+    event_position   BIGINT NOT NULL,
+    occurred_at      TIMESTAMPTZ NOT NULL
+);
+
+-- The lifecycle-change stream: append-only, in discovery order.
+CREATE TABLE IF NOT EXISTS lifecycle_changes (
+    seq              BIGINT NOT NULL,      -- 1, 2, ... gap-free; resume with "after seq"
+    change_id        UUID NOT NULL,
+    customer_id      VARCHAR NOT NULL,
+    from_stage       VARCHAR,
+    to_stage         VARCHAR NOT NULL,
+    event_id         UUID NOT NULL,
+    event_position   BIGINT NOT NULL,
+    occurred_at      TIMESTAMPTZ NOT NULL,
+    ledger_position  BIGINT NOT NULL       -- the ledger position at which it became true
+);
+
+CREATE TABLE IF NOT EXISTS rfm_segments (
+    r_score          INTEGER NOT NULL,
+    f_score          INTEGER NOT NULL,
+    m_score          INTEGER NOT NULL,
+    fm_score         INTEGER NOT NULL,
+    segment          VARCHAR NOT NULL,
+    PRIMARY KEY (r_score, f_score, m_score)
+);
+
+CREATE TABLE IF NOT EXISTS rfm (
+    customer_id      VARCHAR PRIMARY KEY,
+    as_of            TIMESTAMPTZ NOT NULL,
+    last_order_at    TIMESTAMPTZ NOT NULL,
+    recency_days     DOUBLE NOT NULL,
+    frequency        BIGINT NOT NULL,
+    monetary         DECIMAL(18, 4) NOT NULL,
+    r_score          INTEGER NOT NULL,
+    f_score          INTEGER NOT NULL,
+    m_score          INTEGER NOT NULL,
+    fm_score         INTEGER NOT NULL,
+    rfm_cell         VARCHAR NOT NULL,
+    segment          VARCHAR NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS churn_risk (
+    customer_id            VARCHAR PRIMARY KEY,
+    method                 VARCHAR NOT NULL,   -- bgnbd | engagement
+    frequency              BIGINT,             -- repeat purchase days (x)
+    recency_weeks          DOUBLE,             -- t_x: first to last purchase day
+    age_weeks              DOUBLE,             -- T: first purchase day to the reference date
+    p_alive                DOUBLE,
+    expected_purchases_90d DOUBLE,
+    last_activity_at       TIMESTAMPTZ,
+    days_inactive          DOUBLE,
+    risk_band              VARCHAR NOT NULL    -- low | medium | high
+);
+
+CREATE TABLE IF NOT EXISTS churn_model (
+    as_of            TIMESTAMPTZ NOT NULL,
+    position         BIGINT NOT NULL,
+    time_unit        VARCHAR NOT NULL,
+    customers        BIGINT NOT NULL,
+    r                DOUBLE,
+    alpha            DOUBLE,
+    a                DOUBLE,
+    b                DOUBLE,
+    log_likelihood   DOUBLE,
+    converged        BOOLEAN NOT NULL,
+    message          VARCHAR NOT NULL
+);
+
+INSERT INTO projection_state VALUES (1, 0, 0, NULL, NULL, 0) ON CONFLICT DO NOTHING;

@@ -1,0 +1,23 @@
+"""Projections: the ledger folded into DuckDB tables (customer 360, lifecycle, RFM, churn).
+
+* :mod:`~ledger.projection.runner`: the incremental, exactly-once runner.
+* :mod:`~ledger.projection.lifecycle`: the lifecycle stage rules.
+* :mod:`~ledger.projection.rfm` and :mod:`~ledger.projection.churn`: segments and BG/NBD.
+* :mod:`~ledger.projection.snapshot`: how other processes read (published snapshots).
+* :mod:`~ledger.projection.subscribe`: the lifecycle-change stream.
+
+The SQL that defines each table lives in ``projections/*.sql``.
+"""
+
+from ledger.projection.runner import ProjectionRunner
+from ledger.projection.snapshot import connect, query
+from ledger.projection.subscribe import LifecycleChange, changes_after, subscribe
+
+__all__ = [
+    "LifecycleChange",
+    "ProjectionRunner",
+    "changes_after",
+    "connect",
+    "query",
+    "subscribe",
+]

@@ -1,0 +1,534 @@
+"""The projection runner: folds the ledger's global log into DuckDB, exactly once.
+
+Each batch of the log (``Ledger.read_raw``) is applied in one DuckDB
+transaction that also stores the batch's last position in
+``projection_state``: killed at any instant, the runner resumes from the last
+committed position and the half-applied batch never happened. Per-event Python
+work is kept to slicing the sealed bytes and decrypting the rows that carry
+personal data; DuckDB parses the JSON and every table is recomputed
+set-at-a-time for the customers the batch touched (so late events land where
+they occurred). RFM and churn risk depend on a reference date over all
+customers; they are recomputed when the runner catches up with the ledger
+(``refresh_derived``), in their own transaction, recording the position they
+reflect.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import duckdb
+import numpy as np
+import orjson
+import pyarrow as pa
+from cryptography.exceptions import InvalidTag
+
+from ledger import keyring as kr
+from ledger.chain import unseal
+from ledger.ledger import Ledger, LedgerError
+from ledger.projection import churn, lifecycle, snapshot
+from ledger.projection.definitions import sql
+from ledger.projection.rfm import segment_table
+from ledger.settings import Settings
+from ledger.store import StoredRow
+
+_PERSONAL_MARK = b'"personal":"'
+_TS = pa.timestamp("us", tz="UTC")
+ProgressFn = Callable[[int, int], None]
+
+
+class ProjectionRunner:
+    """Owns the projections DuckDB file (one writer) and publishes snapshots for readers."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        path: Path,
+        *,
+        snapshot_to: Path | None = None,
+        batch_size: int = 50_000,
+        snapshot_interval: float = 0.5,
+        derive_interval: float = 5.0,
+        memory_limit: str = "1GB",
+    ):
+        self.ledger = ledger
+        self.path = Path(path)
+        self.snapshot_to = snapshot_to
+        self.batch_size = batch_size
+        self.snapshot_interval = snapshot_interval
+        self.derive_interval = derive_interval
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path))
+        except duckdb.IOException as exc:
+            raise LedgerError(
+                f"cannot open the projections at {self.path}: {exc} "
+                "(is another `ledger project` running?)"
+            ) from None
+        _x(self.con, "SET TimeZone = 'UTC'")
+        _x(self.con, f"SET memory_limit = '{memory_limit}'")
+        _x(self.con, sql("schema", "schema"))
+        if self.con.execute("SELECT count(*) FROM rfm_segments").fetchall()[0] == (0,):
+            self.con.register("segments_in", segment_table())
+            _x(self.con, "INSERT INTO rfm_segments SELECT * FROM segments_in")
+            self.con.unregister("segments_in")
+        _x(self.con, sql("customer_360", "view"))
+        self._published_at = 0.0
+        self._derived_at = 0.0
+        self._dirty = False
+        if snapshot_to is not None:
+            snapshot.remove_stale(snapshot_to)
+
+    @classmethod
+    def for_settings(cls, ledger: Ledger, settings: Settings, **options: Any) -> ProjectionRunner:
+        return cls(
+            ledger,
+            settings.projections_path,
+            snapshot_to=snapshot.snapshot_path(settings),
+            **options,
+        )
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> ProjectionRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ state
+
+    def _state(self) -> tuple[int, int, int]:
+        row = self.con.execute(
+            "SELECT position, derived_position, changes FROM projection_state"
+        ).fetchall()[0]
+        assert row is not None
+        return int(row[0]), int(row[1]), int(row[2])
+
+    @property
+    def position(self) -> int:
+        """The last ledger position applied (committed) to the projections."""
+        return self._state()[0]
+
+    def set_as_of(self, as_of: dt.datetime | None) -> None:
+        """Fix the RFM / churn reference date (None: the latest event time in the ledger)."""
+        _x(
+            self.con,
+            "UPDATE projection_state SET as_of_setting = ?, derived_position = -1",
+            [as_of],
+        )
+
+    # ------------------------------------------------------------------ applying
+
+    def catch_up(
+        self, *, on_progress: ProgressFn | None = None, stop: threading.Event | None = None
+    ) -> int:
+        """Apply every event the ledger holds now; return how many were applied."""
+        applied = 0
+        head = self.ledger.position
+        while stop is None or not stop.is_set():
+            position = self.position
+            rows = self.ledger.read_raw(position, self.batch_size)
+            if not rows:
+                break
+            self.apply(rows, after=position)
+            applied += len(rows)
+            self._dirty = True
+            if on_progress:
+                head = max(head, rows[-1].position)
+                on_progress(rows[-1].position, head)
+            if self.snapshot_to and time.monotonic() - self._published_at >= self.snapshot_interval:
+                self.publish()
+        return applied
+
+    def apply(self, rows: list[StoredRow], *, after: int) -> None:
+        """Apply one batch of log rows (positions after ``after``) in one transaction."""
+        if rows[0].position != after + 1:
+            raise LedgerError(
+                f"the ledger returned position {rows[0].position} after {after}: "
+                "positions must be gap-free"
+            )
+        bodies = [unseal(r.state)[0] for r in rows]
+        personal = [_PERSONAL_MARK in b for b in bodies]
+        batch = pa.table(
+            {
+                "position": pa.array([r.position for r in rows], pa.int64()),
+                "customer_id": pa.array([r.customer_id for r in rows], pa.string()),
+                "sequence": pa.array([r.sequence for r in rows], pa.int64()),
+                "body": pa.array(bodies, pa.binary()).cast(pa.string()),
+                "has_personal": pa.array(personal, pa.bool_()),
+            }
+        )
+        identifiers = self._identifiers(rows, bodies, personal)
+        con = self.con
+        _x(con, "BEGIN")
+        try:
+            con.register("batch_raw", batch)
+            con.register("batch_identifiers", identifiers)
+            _x(con, sql("events", "load"))
+            _x(con, sql("events", "affected"))
+            _x(con, sql("identifiers", "erase"))
+            _x(con, sql("identifiers", "merge"))
+            _x(con, sql("customer_360", "refresh"))
+            _x(con, sql("customer_360", "insert"))
+            changes = self._lifecycle(after)
+            _x(
+                con,
+                "UPDATE projection_state SET position = ?, changes = ?",
+                [rows[-1].position, changes],
+            )
+            _x(con, "COMMIT")
+        except BaseException:
+            _x(con, "ROLLBACK")
+            raise
+        finally:
+            for name in ("batch_raw", "batch_identifiers", "history_batch", "changes_batch"):
+                con.unregister(name)
+
+    def _identifiers(
+        self, rows: list[StoredRow], bodies: list[bytes], personal: list[bool]
+    ) -> pa.Table:
+        """Decrypt the identifiers of the rows that carry personal data."""
+        keys = self.ledger.keys
+        # A forget destroys the key; a later event for the customer gets a new one, so a
+        # cached old key must not be used for the rows after it.
+        for row in rows:
+            if row.type == "customer_forgotten":
+                keys.drop(row.customer_id)
+        ciphers: dict[str, Any] = {}
+        out_pos: list[int] = []
+        out_field: list[str] = []
+        out_value: list[str] = []
+        for row, body, has in zip(rows, bodies, personal, strict=True):
+            if not has:
+                continue
+            customer = row.customer_id
+            if customer in ciphers:
+                cipher = ciphers[customer]
+            else:
+                cipher = keys.cached(customer)
+                if cipher is None:
+                    wrapped = self.ledger.store.wrapped_key(customer)
+                    cipher = None if wrapped is None else keys.load(customer, wrapped)
+                ciphers[customer] = cipher
+            if cipher is None:
+                continue
+            rec = orjson.loads(body)
+            try:
+                plain = kr.decrypt(cipher, rec["personal"], UUID(rec["event_id"]).bytes)
+            except InvalidTag:
+                continue  # written under a key that was destroyed: erased
+            ids = orjson.loads(plain).get("identifiers")
+            if ids:
+                for field, value in ids.items():
+                    if value is not None:
+                        out_pos.append(row.position)
+                        out_field.append(field)
+                        out_value.append(str(value))
+        return pa.table(
+            {
+                "position": pa.array(out_pos, pa.int64()),
+                "field": pa.array(out_field, pa.string()),
+                "value": pa.array(out_value, pa.string()),
+            }
+        )
+
+    def _lifecycle(self, after: int) -> int:
+        """Refold the stage history of customers with relevant events in the batch.
+
+        The change stream is defined per ledger position: the changes in the history
+        after position p that were not in the history after p-1, so the stream is the
+        same however the log is cut into batches.
+        """
+        con = self.con
+        _, _, seq = self._state()
+        table = con.sql(
+            sql("lifecycle", "touches"),
+            params={"types": list(lifecycle.RELEVANT_TYPES), "after": after},
+        ).to_arrow_table()
+        cols = {name: table.column(name).to_pylist() for name in table.column_names}
+        by_customer: dict[str, list[lifecycle.Touch]] = {}
+        for i, customer in enumerate(cols["customer_id"]):
+            by_customer.setdefault(customer, []).append(
+                lifecycle.Touch(
+                    cols["position"][i],
+                    cols["event_id"][i],
+                    cols["type"][i],
+                    cols["occurred_us"][i],
+                    cols["form_id"][i],
+                    cols["direction"][i],
+                    cols["outcome"][i],
+                    cols["sentiment"][i],
+                    cols["satisfaction"][i],
+                )
+            )
+        history: list[tuple[str, int, lifecycle.Change | None]] = []
+        emitted: list[tuple[int, int, lifecycle.Change]] = []
+        for customer, touches in by_customer.items():
+            prior = [t for t in touches if t.position <= after]
+            fresh = [t for t in touches if t.position > after]  # already in position order
+            timeline = sorted(prior, key=lambda t: t.order_key)
+            state = lifecycle.fold(customer, timeline)
+            known = {c.change_id for c in state.changes}
+            for touch in fresh:
+                if state.last_key is None or touch.order_key > state.last_key:
+                    before = len(state.changes)
+                    state.step(touch)
+                    timeline.append(touch)
+                    new = state.changes[before:]
+                else:
+                    bisect.insort(timeline, touch, key=lambda t: t.order_key)
+                    state = lifecycle.fold(customer, timeline)
+                    new = [c for c in state.changes if c.change_id not in known]
+                    known = set()
+                known.update(c.change_id for c in state.changes)
+                for k, change in enumerate(new):
+                    emitted.append((touch.position, k, change))
+            if state.changes:
+                history.extend((customer, step, c) for step, c in enumerate(state.changes, 1))
+            else:
+                history.append((customer, 0, None))
+        if not by_customer:
+            con.register("history_batch", _history_table([]))
+            con.register("changes_batch", _changes_table([], seq))
+            return seq
+        emitted.sort(key=lambda e: (e[0], e[1]))
+        con.register("history_batch", _history_table(history))
+        con.register("changes_batch", _changes_table(emitted, seq))
+        _x(con, sql("lifecycle", "clear"))
+        _x(con, sql("lifecycle", "write"))
+        return seq + len(emitted)
+
+    # ------------------------------------------------------------------ derived
+
+    def refresh_derived(self, *, force: bool = False) -> bool:
+        """Recompute rfm, churn_risk and churn_model if the applied position moved."""
+        position, derived, _ = self._state()
+        if derived == position and not force:
+            return False
+        con = self.con
+        row = con.execute(
+            "SELECT coalesce((SELECT as_of_setting FROM projection_state), "
+            "(SELECT max(occurred_at) FROM events))"
+        ).fetchall()[0]
+        as_of = row[0] if row else None
+        _x(con, "BEGIN")
+        try:
+            _x(con, "DELETE FROM rfm; DELETE FROM churn_risk; DELETE FROM churn_model")
+            if as_of is not None:
+                _x(con, sql("rfm", "compute"), {"as_of": as_of})
+                self._churn(as_of, position)
+            _x(con, "UPDATE projection_state SET derived_position = position, as_of = ?", [as_of])
+            _x(con, "COMMIT")
+        except BaseException:
+            _x(con, "ROLLBACK")
+            raise
+        finally:
+            for name in ("churn_in", "model_in"):
+                con.unregister(name)
+        self._derived_at = time.monotonic()
+        self._dirty = True
+        return True
+
+    def _churn(self, as_of: dt.datetime, position: int) -> None:
+        con = self.con
+        summary = con.execute(sql("churn", "summary"), {"as_of": as_of}).fetchnumpy()
+        engaged = con.execute(sql("churn", "engagement"), {"as_of": as_of}).fetchnumpy()
+        buyers = [str(c) for c in summary["customer_id"]]
+        x = np.asarray(summary["frequency"], dtype=np.float64)
+        t_x = np.asarray(summary["recency_weeks"], dtype=np.float64)
+        big_t = np.asarray(summary["age_weeks"], dtype=np.float64)
+        fitted: churn.BgNbdFit | None = None
+        message = f"fewer than {churn.MIN_CUSTOMERS} purchasing customers; not fitted"
+        if len(buyers) >= churn.MIN_CUSTOMERS:
+            fitted = churn.fit(x, t_x, big_t)
+            message = fitted.message
+        # Only a converged fit scores customers; otherwise everyone gets the fallback.
+        model = fitted if fitted is not None and fitted.converged else None
+        as_of_us = int(as_of.timestamp() * 1_000_000)
+        last_seen: dict[str, int | None] = {}
+        for customer, seen in zip(
+            engaged["customer_id"], engaged["last_activity_at"].tolist(), strict=True
+        ):
+            last_seen[str(customer)] = _epoch_us(seen)
+        scores: dict[
+            str,
+            tuple[str, float | None, float | None, float | None, float | None, float | None, str],
+        ] = {}
+        if model is not None:
+            p = churn.p_alive(model, x, t_x, big_t)
+            e = churn.expected_purchases(
+                model, churn.HORIZON_DAYS / churn.DAYS_PER_UNIT, x, t_x, big_t
+            )
+            for i, customer in enumerate(buyers):
+                scores[customer] = (
+                    "bgnbd",
+                    float(x[i]),
+                    float(t_x[i]),
+                    float(big_t[i]),
+                    float(p[i]),
+                    float(e[i]),
+                    churn.risk_band(float(p[i])),
+                )
+        customers = sorted(last_seen)
+        rows = []
+        inactive: list[float | None] = []
+        for customer in customers:
+            seen_us = last_seen[customer]
+            days = None if seen_us is None else (as_of_us - seen_us) / 86_400e6
+            inactive.append(days)
+            rows.append(
+                scores.get(customer)
+                or ("engagement", None, None, None, None, None, churn.engagement_band(days))
+            )
+        con.register(
+            "churn_in",
+            pa.table(
+                {
+                    "customer_id": pa.array(customers, pa.string()),
+                    "method": pa.array([r[0] for r in rows], pa.string()),
+                    "frequency": pa.array(
+                        [None if r[1] is None else int(r[1]) for r in rows], pa.int64()
+                    ),
+                    "recency_weeks": _floats([r[2] for r in rows]),
+                    "age_weeks": _floats([r[3] for r in rows]),
+                    "p_alive": _floats([r[4] for r in rows]),
+                    "expected_purchases_90d": _floats([r[5] for r in rows]),
+                    "last_activity_at": pa.array([last_seen[c] for c in customers], _TS),
+                    "days_inactive": pa.array(inactive, pa.float64()),
+                    "risk_band": pa.array([r[6] for r in rows], pa.string()),
+                }
+            ),
+        )
+        _x(con, "INSERT INTO churn_risk SELECT * FROM churn_in")
+        con.register(
+            "model_in",
+            pa.table(
+                {
+                    "as_of": pa.array([as_of], _TS),
+                    "position": pa.array([position], pa.int64()),
+                    "time_unit": [churn.TIME_UNIT],
+                    "customers": pa.array([len(buyers)], pa.int64()),
+                    "r": pa.array([fitted.r if fitted else None], pa.float64()),
+                    "alpha": pa.array([fitted.alpha if fitted else None], pa.float64()),
+                    "a": pa.array([fitted.a if fitted else None], pa.float64()),
+                    "b": pa.array([fitted.b if fitted else None], pa.float64()),
+                    "log_likelihood": pa.array(
+                        [fitted.log_likelihood if fitted else None], pa.float64()
+                    ),
+                    "converged": pa.array([model is not None], pa.bool_()),
+                    "message": [message],
+                }
+            ),
+        )
+        _x(con, "INSERT INTO churn_model SELECT * FROM model_in")
+
+    # ------------------------------------------------------------------ publishing
+
+    def publish(self) -> None:
+        """Publish a snapshot for readers (no-op without a snapshot path)."""
+        if self.snapshot_to is None:
+            return
+        snapshot.publish(self.con, self.snapshot_to)
+        self._published_at = time.monotonic()
+        self._dirty = False
+
+    def run(
+        self,
+        *,
+        on_progress: ProgressFn | None = None,
+        stop: threading.Event | None = None,
+    ) -> int:
+        """Catch up, refresh the derived tables and publish: what ``ledger project`` does."""
+        applied = self.catch_up(on_progress=on_progress, stop=stop)
+        if stop is not None and stop.is_set():
+            if self._dirty:
+                self.publish()
+            return applied
+        self.refresh_derived()
+        if self._dirty or (self.snapshot_to is not None and not self.snapshot_to.exists()):
+            self.publish()
+        return applied
+
+    def follow(
+        self,
+        stop: threading.Event,
+        *,
+        poll_interval: float = 0.1,
+        on_progress: ProgressFn | None = None,
+    ) -> None:
+        """Keep applying new events until ``stop`` is set (always between transactions)."""
+        if self.snapshot_to is not None and not self.snapshot_to.exists():
+            self.publish()
+        while not stop.is_set():
+            applied = self.catch_up(on_progress=on_progress, stop=stop)
+            now = time.monotonic()
+            if now - self._derived_at >= self.derive_interval:
+                self.refresh_derived()
+            if self._dirty:
+                self.publish()
+            if not applied:
+                stop.wait(poll_interval)
+
+
+def _floats(values: list[float | None]) -> pa.Array:
+    """Floats with NaN (a model that cannot say) stored as NULL."""
+    return pa.array(values, pa.float64(), from_pandas=True)
+
+
+def _x(con: duckdb.DuckDBPyConnection, query: str, params: Any = None) -> list[Any]:
+    """Execute and drain: DuckDB 2 blocks a connection while a result is unfetched."""
+    return con.execute(query, params).fetchall()
+
+
+def _epoch_us(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, np.datetime64):
+        if np.isnat(value):
+            return None
+        return int(value.astype("datetime64[us]").astype(np.int64))
+    if isinstance(value, dt.datetime):
+        return int(value.timestamp() * 1_000_000)
+    raise TypeError(f"not a timestamp: {value!r}")
+
+
+def _history_table(rows: list[tuple[str, int, lifecycle.Change | None]]) -> pa.Table:
+    return pa.table(
+        {
+            "customer_id": pa.array([r[0] for r in rows], pa.string()),
+            "step": pa.array([r[1] for r in rows], pa.int32()),
+            "change_id": pa.array([r[2].change_id if r[2] else None for r in rows], pa.string()),
+            "from_stage": pa.array([r[2].from_stage if r[2] else None for r in rows], pa.string()),
+            "to_stage": pa.array([r[2].to_stage if r[2] else None for r in rows], pa.string()),
+            "event_id": pa.array([r[2].event_id if r[2] else None for r in rows], pa.string()),
+            "event_position": pa.array(
+                [r[2].event_position if r[2] else None for r in rows], pa.int64()
+            ),
+            "occurred_at": pa.array([r[2].occurred_us if r[2] else None for r in rows], _TS),
+        }
+    )
+
+
+def _changes_table(rows: list[tuple[int, int, lifecycle.Change]], seq: int) -> pa.Table:
+    return pa.table(
+        {
+            "seq": pa.array(range(seq + 1, seq + 1 + len(rows)), pa.int64()),
+            "change_id": pa.array([c.change_id for _, _, c in rows], pa.string()),
+            "customer_id": pa.array([c.customer_id for _, _, c in rows], pa.string()),
+            "from_stage": pa.array([c.from_stage for _, _, c in rows], pa.string()),
+            "to_stage": pa.array([c.to_stage for _, _, c in rows], pa.string()),
+            "event_id": pa.array([c.event_id for _, _, c in rows], pa.string()),
+            "event_position": pa.array([c.event_position for _, _, c in rows], pa.int64()),
+            "occurred_at": pa.array([c.occurred_us for _, _, c in rows], _TS),
+            "ledger_position": pa.array([p for p, _, _ in rows], pa.int64()),
+        }
+    )
