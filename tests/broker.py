@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 #: Client timeouts tuned for Tansu (shared/BROKER.md); production keeps Apache Kafka's defaults.
 TEST_CLIENT_ENV = {
@@ -156,3 +157,30 @@ class Broker:
         self._log.close()
         with contextlib.suppress(OSError):
             os.unlink(self._log.name)
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 20.0) -> list[Any]:
+    """Every record of ``topic`` from the beginning to its current end (no consumer group)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            return []
+        ends = consumer.end_offsets(tps)
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} did not reach its end within {timeout} s")
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()

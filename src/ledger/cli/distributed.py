@@ -14,6 +14,7 @@ from rich.table import Table
 from ledger.cli.output import EXIT_USAGE, console, err_console, fail, progress
 from ledger.contract import ContractError
 from ledger.deadletter import DeadLetters
+from ledger.ledger import LedgerError
 from ledger.publisher import DeliveryError, Publisher
 from ledger.settings import Settings
 from ledger.sources import OversizedLine, read_csv, read_jsonl
@@ -34,7 +35,10 @@ def topics_create(
     Existing topics are left alone; a partition count that differs from the one asked
     for is reported, since workers and keys depend on it."""
     settings = Settings()
-    statuses = create_topics(settings, partitions)
+    try:
+        statuses = create_topics(settings, partitions)
+    except LedgerError as exc:
+        fail(str(exc))
     table = Table(title=f"topics on {settings.kafka}", title_justify="left")
     for column in ("topic", "role", "partitions", "status"):
         table.add_column(column, justify="right" if column == "partitions" else "left")
@@ -109,8 +113,12 @@ def publish(
     kind = fmt or ("csv" if file.lower().endswith(".csv") else "jsonl")
     settings = Settings()
     lines = published = 0
+    try:
+        publisher = Publisher(settings, strict=strict or None)
+    except LedgerError as exc:
+        fail(str(exc))
     with (
-        Publisher(settings, strict=strict or None) as publisher,
+        publisher,
         DeadLetters(settings.rejected_dir) as dead,
         progress() as bar,
     ):
