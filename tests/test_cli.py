@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +101,8 @@ def test_reingest_counts_duplicates_and_exits_zero(home: Path, tmp_path: Path) -
     again = run(home, "ingest", str(path))
     assert again.returncode == 0
     row = next(line for line in again.stdout.splitlines() if "in.jsonl" in line)
-    assert row.split("│")[2:6] == [
-        " 2 ".rjust(7),
-        " 0 ".rjust(10),
-        " 2 ".rjust(12),
-        " 0 ".rjust(10),
-    ] or ("2" in row and row.count(" 0 ") >= 2)
+    cells = [c.strip() for c in row.split("│")[1:-1]]
+    assert cells[1:] == ["2", "0", "2", "0"]  # lines, accepted, duplicates, rejected
     stats = orjson.loads(run(home, "stats", "--json").stdout)
     assert stats["events"] == 2
 
@@ -228,6 +223,3 @@ def test_schema_drift_is_detected(tmp_path: Path, home: Path) -> None:
     assert schema_drift(tmp_path / "s") == ["order_placed.schema.json"]
     check = run(home, "schemas", "check", str(tmp_path / "s"))
     assert check.returncode == 1 and "order_placed.schema.json" in check.stderr
-
-
-Runner = Callable[..., subprocess.CompletedProcess[str]]
