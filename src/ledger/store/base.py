@@ -22,11 +22,12 @@ so positions are assigned gap-free and chains extended without races.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from eventsourcing.persistence import Tracking
+from eventsourcing.persistence import PersistenceError, Tracking
 
 
 class StoredRow(NamedTuple):
@@ -119,3 +120,21 @@ class EventStore(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+def create_schema(recorder: Any, attempts: int = 5) -> None:
+    """Create the recorder's tables, retrying while another process creates them too.
+
+    eventsourcing's ``create_table`` is not safe when two processes start on a fresh
+    database at once: both insert the same tracking-migration row, and PostgreSQL's
+    CREATE TYPE / CREATE TABLE IF NOT EXISTS collide on ``pg_type``. The loser's transaction
+    rolls back; on the next attempt it finds the schema in place.
+    """
+    for attempt in range(attempts):
+        try:
+            recorder.create_table()
+            return
+        except PersistenceError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))

@@ -12,7 +12,7 @@ from eventsourcing.postgres import PostgresDatastore, PostgresProcessRecorder
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL
 
-from ledger.store.base import EventStore, Head, StoredRow, WriteSession
+from ledger.store.base import EventStore, Head, StoredRow, WriteSession, create_schema
 
 _GUARD_FUNCTION = """
 CREATE OR REPLACE FUNCTION ledger_append_only() RETURNS trigger AS $$
@@ -56,6 +56,12 @@ class LedgerPostgresRecorder(PostgresProcessRecorder):
                 ),
             ]
         self.sql_create_statements += extra
+        # Two workers starting on a fresh database would race CREATE TABLE IF NOT EXISTS
+        # (PostgreSQL then fails on pg_type's unique index) and CREATE OR REPLACE FUNCTION
+        # ("tuple concurrently updated"): serialise schema creation per database.
+        self.sql_create_statements.insert(
+            0, SQL("SELECT pg_advisory_xact_lock(hashtext('ledger.create_table'))").format()
+        )
 
 
 class _PostgresSession(WriteSession):
@@ -131,7 +137,7 @@ class PostgresStore(EventStore):
         self.datastore = datastore
         self.location = location
         self.recorder = LedgerPostgresRecorder(datastore)
-        self.recorder.create_table()
+        create_schema(self.recorder)
 
     @classmethod
     def from_url(cls, url: str) -> PostgresStore:

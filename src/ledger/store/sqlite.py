@@ -15,7 +15,7 @@ from eventsourcing.sqlite import (
     SQLiteProcessRecorder,
 )
 
-from ledger.store.base import EventStore, Head, StoredRow, WriteSession
+from ledger.store.base import EventStore, Head, StoredRow, WriteSession, create_schema
 
 # SQLite allows 32,766 host parameters per statement; stay well below.
 _CHUNK = 5_000
@@ -151,7 +151,7 @@ class SQLiteStore(EventStore):
         pool.cache_mb = cache_mb
         self.datastore.pool = pool
         self.recorder = LedgerSQLiteRecorder(self.datastore)
-        self.recorder.create_table()
+        create_schema(self.recorder)
 
     @contextmanager
     def write(self) -> Iterator[WriteSession]:
