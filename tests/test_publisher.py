@@ -116,7 +116,7 @@ def test_broker_killed_while_publishing_gives_the_caller_an_error_for_each_lost_
     killer = threading.Timer(0.3, own_broker.kill)
     killer.start()
     try:
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 1
         while time.monotonic() < deadline:
             try:
                 publisher.publish(build_event(f"cus_{total % 50:05d}"))
@@ -124,7 +124,7 @@ def test_broker_killed_while_publishing_gives_the_caller_an_error_for_each_lost_
                 break  # the buffer stayed full past max_block_ms: also an error, not silence
             total += 1
         with pytest.raises(DeliveryError) as caught:
-            publisher.flush(timeout=15)
+            publisher.flush(timeout=4)
     finally:
         killer.cancel()
         with contextlib.suppress(PublishError):
