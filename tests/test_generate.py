@@ -15,6 +15,8 @@ import pytest
 
 from ledger.contract import EVENT_TYPES, PERSONAL_FIELDS, ContractError, Event, parse_line
 from ledger.generate import GenerateError, generate_events, plan, write_jsonl
+from ledger.ledger import Ledger
+from ledger.settings import Settings
 
 LEDGER = str(Path(sys.executable).with_name("ledger"))
 
@@ -91,6 +93,26 @@ def test_a_few_percent_arrive_late(parsed: list[Event]) -> None:
         for a, b in itertools.pairwise(parsed)
     )
     assert in_order / len(parsed) > 0.9
+
+
+def test_some_customers_timelines_arrive_out_of_order(parsed: list[Event]) -> None:
+    newest: dict[str, dt.datetime] = {}
+    shuffled: set[str] = set()
+    for event in parsed:
+        seen = newest.get(event.customer_id)
+        if seen and event.occurred_at < seen - dt.timedelta(hours=1):
+            shuffled.add(event.customer_id)
+        newest[event.customer_id] = max(seen or event.occurred_at, event.occurred_at)
+    assert len(shuffled) >= 10
+
+
+def test_a_generated_batch_lands_in_a_real_ledger(sqlite_settings: Settings) -> None:
+    lines = _gen(40, 800, seed=9, duplicates=0.05, invalid=0.05)
+    with Ledger.open(sqlite_settings) as ledger:
+        result = ledger.append(lines)
+        assert (result.accepted, result.duplicates, len(result.rejected)) == (720, 40, 40)
+        assert ledger.verify().ok
+        assert ledger.stats().customers == 40
 
 
 def test_personal_data_is_where_encryption_applies(parsed: list[Event]) -> None:

@@ -20,7 +20,7 @@ The model, in short:
   rate (gamma distributed) while active, and buyers drop out at a random moment.
 * Episode times follow a seasonal intensity: hour of day, day of week, a Q4 peak
   with a Black Friday week and a quiet Christmas. Campaign emails go out in bulk on
-  Tuesday and Thursday mornings.
+  Tuesday mornings and Thursday afternoons.
 * Output is in arrival order; about 3% of events arrive late (hours to days after
   they occurred), so timelines must be ordered by ``occurred_at``.
 * Personal data sits only where the contract encrypts it: identifiers (email, E.164
@@ -42,7 +42,7 @@ import time
 import unicodedata
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
@@ -523,7 +523,7 @@ _SUBJECTS = {
     "last_minute_gifts": "Last-minute gifts, delivered before Christmas",
 }
 
-_SOURCE_OF = {
+_SOURCE_OF: dict[str, str] = {
     "page_viewed": "web-tracker",
     "form_submitted": "web-forms",
     "email_sent": "esp-mailer",
@@ -539,6 +539,8 @@ _SOURCE_OF = {
     "ticket_resolved": "helpdesk",
     "consent_changed": "consent-manager",
 }
+
+_META = {etype: (CHANNEL_OF[etype], source) for etype, source in _SOURCE_OF.items()}
 
 # Segments: what a customer will become, if the budget lets them.
 ANONYMOUS, SUBSCRIBER, LEAD, BUYER, BUSINESS = range(5)
@@ -622,6 +624,8 @@ _HOUR_OF_DAY = [
     1.1, 1.05, 1.0, 1.0, 1.0, 1.05, 1.15, 1.3, 1.35, 1.2, 0.8, 0.4,
 ]  # fmt: skip
 _DAY_OF_WEEK = [1.05, 1.1, 1.1, 1.05, 1.0, 0.8, 0.85]  # Monday first
+#: Bulk campaign sends: weekday -> hour (UTC).
+_SEND_HOUR = {1: 9, 3: 17}
 _MONTH = [0.9, 0.92, 1.0, 1.0, 1.0, 0.95, 0.85, 0.85, 1.0, 1.05, 1.35, 1.5]
 
 
@@ -697,11 +701,12 @@ class _Clock:
         return self.day_prefix[rel // 86400] + self.hms[rel % 86400]
 
     def next_send(self, t: int) -> int | None:
-        """The next bulk campaign send (Tuesday or Thursday 09:00 UTC) at or after ``t``."""
+        """The next bulk campaign send (Tuesday 09:00 or Thursday 17:00 UTC) at or after ``t``."""
         day = (t - self.day0) // 86400
-        for d in range(day, day + 8):
-            if self.weekday[d % len(self.weekday)] in (1, 3):
-                send = self.day0 + d * 86400 + 9 * 3600
+        for d in range(day, min(day + 8, len(self.weekday))):
+            hour = _SEND_HOUR.get(self.weekday[d])
+            if hour is not None:
+                send = self.day0 + d * 86400 + hour * 3600
                 if send >= t:
                     return send if send < self.t_end else None
         return None
@@ -890,41 +895,69 @@ class _Journeys:
             events = events[: c.remaining]
         c.remaining -= len(events)
         c.per_episode = 0.7 * c.per_episode + 0.3 * len(events)
-        c.last_t = self._emit(c.cid, events)
+        # The next episode may begin while this one's slow tail (an email opened days later,
+        # a ticket resolved next week) is still pending, as in life; only a session's first
+        # hour keeps the customer busy.
+        c.last_t = min(self._emit(c.cid, events), t + 3600)
         if c.remaining > 0:
             self.counter += 1
             heapq.heappush(self.heap, (self._advance(c), self.counter, c))
 
     def _emit(self, customer_id: str, events: list[Event]) -> int:
+        """Turn an episode's events into lines, queued by arrival time; returns the last time."""
         rng = self.rng
         random, getrandbits = rng.random, rng.getrandbits
         clock, heap, push, dumps = self.clock, self.heap, heapq.heappush, orjson.dumps
-        t_last, iso = clock.t_end - 1, clock.iso
+        t_last, day0, prefix, hms = clock.t_end - 1, clock.day0, clock.day_prefix, clock.hms
         counter = self.counter
         t = 0
         for t, etype, ident, payload in events:
             if t > t_last:
                 t = t_last
-            bits = getrandbits(128) & _UUID_CLEAR | _UUID_SET
-            h = f"{bits:032x}"
-            doc: dict[str, Any] = {
-                "event_id": f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}",
-                "customer_id": customer_id,
-                "channel": CHANNEL_OF[etype],
-                "type": etype,
-                "occurred_at": iso(t),
-                "source": _SOURCE_OF[etype],
-            }
+            h = f"{getrandbits(128) & _UUID_CLEAR | _UUID_SET:032x}"
+            rel = t - day0
+            channel, source = _META[etype]
             if ident:
-                doc["identifiers"] = ident
-            doc["payload"] = payload
-            doc["schema_version"] = 1
+                doc = {
+                    "event_id": f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}",
+                    "customer_id": customer_id,
+                    "channel": channel,
+                    "type": etype,
+                    "occurred_at": prefix[rel // 86400] + hms[rel % 86400],
+                    "source": source,
+                    "identifiers": ident,
+                    "payload": payload,
+                    "schema_version": 1,
+                }
+            else:
+                doc = {
+                    "event_id": f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}",
+                    "customer_id": customer_id,
+                    "channel": channel,
+                    "type": etype,
+                    "occurred_at": prefix[rel // 86400] + hms[rel % 86400],
+                    "source": source,
+                    "payload": payload,
+                    "schema_version": 1,
+                }
             r = random()
             arrival = t + (_late_delay(rng) if r < LATE_SHARE else int(r * 30))
             counter += 1
             push(heap, (arrival, counter, dumps(doc)))
         self.counter = counter
         return t
+
+    def _weighted(self, options: Sequence[Any], weights: Sequence[float]) -> Any:
+        """One of ``options`` with the given weights (random.choices is slower for one)."""
+        r = self.random() * sum(weights)
+        chosen = None
+        for option, weight in zip(options, weights, strict=True):
+            if weight > 0.0:
+                chosen = option  # rounding can leave r >= 0 after the last: keep the last
+                r -= weight
+                if r < 0.0:
+                    break
+        return chosen
 
     def _pick(self, seq: list[Any]) -> Any:
         return seq[int(self.random() * len(seq))]
@@ -955,17 +988,17 @@ class _Journeys:
         weights = [
             (6.0 if seg == SUBSCRIBER else 3.0) if c.can_email else 0.0,  # email
             3.0,  # web
-            0.8 if c.orders else 0.4,  # chat
+            0.35 if c.orders else 0.2,  # chat
             1.5 if seg in (LEAD, BUSINESS) else 0.25,  # call
             0.4 if c.orders else 0.3,  # social
             (1.2 if seg == BUSINESS else 0.6) if seg in (LEAD, BUSINESS) and not c.demo else 0.0,
             1.0 if c.demo and not c.quote else 0.0,  # quote
             self._order_weight(c),
-            0.25 if c.last_order else 0.0,  # refund
+            0.08 if c.last_order else 0.0,  # refund: returns of a few percent of orders
             0.45 if c.orders else 0.08,  # ticket
             0.12,  # consent
         ]
-        kind = rng.choices(_EPISODES, weights)[0]
+        kind = self._weighted(_EPISODES, weights)
         builder: Callable[[_Customer, _Profile, int], list[Event]] = getattr(self, f"_{kind}")
         return builder(c, prof, t)
 
@@ -1075,7 +1108,7 @@ class _Journeys:
         if send is None:
             return self._session(c, prof, t)
         campaign, subject = clock.campaign(send)
-        send += self._below(900)  # a bulk send takes a quarter of an hour
+        send += self._below(3600)  # a bulk send takes a while to get through
         message = f"msg_{rng.getrandbits(64):016x}"
         ident = {"email": prof.email}
         ids = {"message_id": message, "campaign_id": campaign}
@@ -1137,9 +1170,9 @@ class _Journeys:
         if outbound is None:
             outbound = rng.random() < (0.6 if c.segment in (LEAD, BUSINESS) else 0.3)
         if outbound:
-            outcome = rng.choices(_OUTCOMES, [55, 18, 12, 8, 7])[0]
+            outcome = self._weighted(_OUTCOMES, [55, 18, 12, 8, 7])
         else:
-            outcome = rng.choices(_OUTCOMES, [80, 0, 14, 0, 6])[0]
+            outcome = self._weighted(_OUTCOMES, [80, 0, 14, 0, 6])
         if outcome == "answered":
             duration = min(int(rng.lognormvariate(5.5, 0.8)), 7200)
         elif outcome == "voicemail":
@@ -1162,8 +1195,8 @@ class _Journeys:
     def _social(self, c: _Customer, prof: _Profile, t: int) -> list[Event]:
         rng = self.rng
         score = c.mood + (0.6 if c.orders >= 3 else 0.0) + rng.gauss(0.0, 0.5)
-        sentiment = "positive" if score > 0.6 else "negative" if score < -0.9 else "neutral"
-        network = rng.choices(_NETWORKS, _NETWORK_WEIGHTS)[0]
+        sentiment = "positive" if score > 0.6 else "negative" if score < -1.2 else "neutral"
+        network = self._weighted(_NETWORKS, _NETWORK_WEIGHTS)
         payload: dict[str, Any] = {
             "network": network,
             "url": _NETWORK_URL[network].format(n=rng.getrandbits(40)),
@@ -1240,13 +1273,13 @@ class _Journeys:
             payload["reason"] = self._fill(reason, c, prof)
         out.append((t, "order_refunded", {"email": prof.email}, payload))
         c.last_order = None
-        c.mood -= 0.3
+        c.mood -= 0.15
         return out
 
     def _ticket(self, c: _Customer, prof: _Profile, t: int) -> list[Event]:
         rng = self.rng
         ticket = self._next_id("tkt")
-        priority = rng.choices(_PRIORITIES, [15, 60, 20, 5])[0]
+        priority = self._weighted(_PRIORITIES, [15, 60, 20, 5])
         subject = self._fill(self._pick(_TICKET_SUBJECTS), c, prof)
         ident = {"email": prof.email}
         opened = {"ticket_id": ticket, "subject": subject, "priority": priority}
@@ -1255,14 +1288,12 @@ class _Journeys:
             out += self._chat(c, prof, t + self._int(60, 3600))
         hours = {"urgent": 2, "high": 8, "normal": 24, "low": 72}[priority]
         t = out[-1][0] + int(min(rng.expovariate(1 / (hours * 3600)), 14 * 86400)) + 60
-        resolution = rng.choices(_RESOLUTIONS, [80, 5, 5, 10])[0]
+        resolution = self._weighted(_RESOLUTIONS, [80, 5, 5, 10])
         resolved: dict[str, Any] = {"ticket_id": ticket, "resolution": resolution}
         if rng.random() < 0.65:
-            score = (
-                4.0 + c.mood * 0.8 + rng.gauss(0.0, 0.8) - (1.5 if resolution != "solved" else 0)
-            )
+            unsolved = 1.2 if resolution != "solved" else 0.0
+            score = 4.2 + c.mood * 0.6 + rng.gauss(0.0, 0.7) - unsolved
             resolved["satisfaction"] = min(5, max(1, round(score)))
-            c.mood += (resolved["satisfaction"] - 3) * 0.1
         out.append((t, "ticket_resolved", ident, resolved))
         return out
 
