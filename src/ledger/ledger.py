@@ -271,10 +271,10 @@ class Ledger:
     ) -> None:
         ids = list(unique)
         seen = session.existing_event_ids(ids) if ids else set()
-        fresh = [unique[i] for i in ids if i not in seen]
+        fresh = [(i, *unique[i]) for i in ids if i not in seen]
         result.duplicates += len(seen)
         if fresh:
-            customers = list(dict.fromkeys(e["customer_id"] for e, _, _ in fresh))
+            customers = list(dict.fromkeys(e["customer_id"] for _, e, _, _ in fresh))
             heads = session.heads(customers)
             ciphers = self._ciphers_for(session, customers)
             position = session.max_position()
@@ -284,9 +284,8 @@ class Ledger:
             event_ids: list[bytes] = []
             encrypt, dumps, width = kr.encrypt, orjson.dumps, kr.NONCE
             # The hot loop of the ledger: keep per-event work to dict stores and C calls.
-            for n, (event, record, personal) in enumerate(fresh):
+            for n, (event_id, event, record, personal) in enumerate(fresh):
                 customer = event["customer_id"]
-                event_id = event["event_id"].bytes
                 position += 1
                 head = heads.get(customer)
                 sequence, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
