@@ -191,6 +191,7 @@ def test_duplicates_and_invalid_fractions_are_exact() -> None:
             seen[event.event_id] = line
             valid.append(line)
     assert len(problems) == 120
+    assert all(line.decode() for line in lines)  # even broken lines stay UTF-8 text
     assert duplicates == 200
     assert len(valid) == 4000 - 200 - 120
     # The mistakes are varied, as real producers' are.

@@ -1377,7 +1377,9 @@ def _mistake(rng: Random, line: bytes) -> bytes:
     kind = rng.choice(_MISTAKES)
     if kind == "broken_json":
         if rng.random() < 0.5:
-            return line[: rng.randrange(1, len(line) - 1)]  # a truncated write
+            # A truncated write, cut between characters so the file stays valid UTF-8.
+            text = line.decode()
+            return text[: rng.randrange(1, len(text) - 1)].encode()
         return line[:-1] + b",}"  # a trailing comma
     doc = orjson.loads(line)
     doc["event_id"] = _uuid(rng)
