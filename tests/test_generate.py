@@ -12,7 +12,9 @@ from pathlib import Path
 
 import orjson
 import pytest
+from typer.testing import CliRunner
 
+from ledger.cli.app import app
 from ledger.contract import EVENT_TYPES, PERSONAL_FIELDS, ContractError, Event, parse_line
 from ledger.generate import GenerateError, generate_events, plan, write_jsonl
 from ledger.ledger import Ledger
@@ -255,7 +257,22 @@ def test_cli_writes_a_file_and_a_summary(tmp_path: Path) -> None:
     ],
 )
 def test_cli_bad_arguments_exit_2(extra: list[str], message: str) -> None:
-    done = subprocess.run([LEDGER, "generate", *extra], capture_output=True, text=True)
+    done = CliRunner().invoke(app, ["generate", *extra])
+    assert done.exit_code == 2, done.output
+    assert message in done.output
+    assert done.exception is None or isinstance(done.exception, SystemExit)
+
+
+def test_cli_bad_arguments_exit_2_from_the_installed_command() -> None:
+    done = subprocess.run([LEDGER, "generate", "--customers", "0"], capture_output=True, text=True)
     assert done.returncode == 2
-    assert message in done.stderr
-    assert "Traceback" not in done.stderr
+    assert "customers: 0 is too few" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_help_explains_every_option() -> None:
+    done = CliRunner().invoke(app, ["generate", "--help"], terminal_width=200)
+    assert done.exit_code == 0
+    for option in ("--customers", "--events", "--seed", "--output", "--start", "--days"):
+        assert option in done.output
+    assert "--duplicates" in done.output and "--invalid" in done.output
+    assert "deterministic for a seed" in done.output
