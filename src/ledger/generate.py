@@ -776,7 +776,8 @@ class _Customer:
         self.per_episode = 3.0
 
 
-Event = tuple[int, str, dict[str, str] | None, dict[str, Any]]
+#: One event of an episode: (occurred_at seconds, type, identifiers, payload).
+_Touch = tuple[int, str, dict[str, str] | None, dict[str, Any]]
 
 _SEGMENTS_BY_BUDGET = [
     (2, [0.75, 0.15, 0.0, 0.10, 0.0]),
@@ -909,7 +910,7 @@ class _Journeys:
             self.counter += 1
             heapq.heappush(self.heap, (self._advance(c), self.counter, c))
 
-    def _emit(self, customer_id: str, events: list[Event]) -> int:
+    def _emit(self, customer_id: str, events: list[_Touch]) -> int:
         """Turn an episode's events into lines, queued by arrival time; returns the last time."""
         rng = self.rng
         random, getrandbits = rng.random, rng.getrandbits
@@ -981,7 +982,7 @@ class _Journeys:
 
     # ----------------------------------------------------------------- episodes
 
-    def _build(self, c: _Customer, t: int) -> list[Event]:
+    def _build(self, c: _Customer, t: int) -> list[_Touch]:
         rng = self.rng
         prof = c.prof
         if c.stage == _ANON:
@@ -1005,7 +1006,7 @@ class _Journeys:
             0.12,  # consent
         ]
         kind = self._weighted(_EPISODES, weights)
-        builder: Callable[[_Customer, _Profile, int], list[Event]] = getattr(self, f"_{kind}")
+        builder: Callable[[_Customer, _Profile, int], list[_Touch]] = getattr(self, f"_{kind}")
         return builder(c, prof, t)
 
     @staticmethod
@@ -1042,14 +1043,14 @@ class _Journeys:
         known: bool = True,
         landing: tuple[str, str] | None = None,
         pages: int = 0,
-    ) -> list[Event]:
+    ) -> list[_Touch]:
         rng = self.rng
         n = pages or min(1 + int(rng.expovariate(0.45)), 12)
         ident = {"anonymous_id": prof.anonymous_id}
         if known and c.stage:
             ident["user_id"] = prof.user_id
         referrer = None if landing else self._pick(_REFERRERS)
-        out: list[Event] = []
+        out: list[_Touch] = []
         for i in range(n):
             url, title = landing if (landing and i == 0) else self._pick(_PAGES)
             duration = int(rng.expovariate(1 / 35_000))
@@ -1062,10 +1063,10 @@ class _Journeys:
         c.sessions += 1
         return out
 
-    def _web(self, c: _Customer, prof: _Profile, t: int) -> list[Event]:
+    def _web(self, c: _Customer, prof: _Profile, t: int) -> list[_Touch]:
         return self._session(c, prof, t)
 
-    def _form(self, c: _Customer, prof: _Profile, t: int, form_id: str) -> Event:
+    def _form(self, c: _Customer, prof: _Profile, t: int, form_id: str) -> _Touch:
         fields: dict[str, str] = {"email": prof.email}
         ident = {"email": prof.email, "name": prof.name, "anonymous_id": prof.anonymous_id}
         if form_id == "newsletter_signup":
@@ -1089,7 +1090,7 @@ class _Journeys:
             {"form_id": form_id, "url": f"{_SITE}/{path}", "fields": fields},
         )
 
-    def _signup(self, c: _Customer, prof: _Profile, t: int) -> list[Event]:
+    def _signup(self, c: _Customer, prof: _Profile, t: int) -> list[_Touch]:
         rng = self.rng
         if c.segment == BUYER and rng.random() < 0.4:
             c.stage = _KNOWN  # guest checkout: the first order is the sign-up
@@ -1108,7 +1109,7 @@ class _Journeys:
             c.can_email = True
         return out
 
-    def _email(self, c: _Customer, prof: _Profile, t: int) -> list[Event]:
+    def _email(self, c: _Customer, prof: _Profile, t: int) -> list[_Touch]:
         rng, clock = self.rng, self.clock
         send = clock.next_send(t)
         if send is None:
@@ -1118,7 +1119,7 @@ class _Journeys:
         message = f"msg_{rng.getrandbits(64):016x}"
         ident = {"email": prof.email}
         ids = {"message_id": message, "campaign_id": campaign}
-        out: list[Event] = [(send, "email_sent", ident, {**ids, "subject": subject})]
+        out: list[_Touch] = [(send, "email_sent", ident, {**ids, "subject": subject})]
         r = rng.random()
         if r < 0.02:
             hard = r < 0.006
@@ -1140,14 +1141,14 @@ class _Journeys:
                 out += self._session(c, prof, clicked + 2, landing=(url, title))
         return out
 
-    def _chat(self, c: _Customer, prof: _Profile, t: int) -> list[Event]:
+    def _chat(self, c: _Customer, prof: _Profile, t: int) -> list[_Touch]:
         conversation = self._next_id("conv")
         agent = f"agent_{self._int(1, 24):02d}"
         if c.stage:
             ident = {"email": prof.email, "name": prof.name}
         else:
             ident = {"anonymous_id": prof.anonymous_id}
-        out: list[Event] = []
+        out: list[_Touch] = []
         for i in range(self._int(2, 6)):
             inbound = i % 2 == 0
             text = self._fill(self._pick(_CHAT_IN if inbound else _CHAT_OUT), c, prof)
@@ -1170,7 +1171,7 @@ class _Journeys:
 
     def _call(
         self, c: _Customer, prof: _Profile, t: int, outbound: bool | None = None
-    ) -> list[Event]:
+    ) -> list[_Touch]:
         rng = self.rng
         t = self._business_hours(t)
         if outbound is None:
@@ -1198,7 +1199,7 @@ class _Journeys:
             )
         return [(t, "call_completed", {"phone": prof.phone, "name": prof.name}, payload)]
 
-    def _social(self, c: _Customer, prof: _Profile, t: int) -> list[Event]:
+    def _social(self, c: _Customer, prof: _Profile, t: int) -> list[_Touch]:
         rng = self.rng
         score = c.mood + (0.6 if c.orders >= 3 else 0.0) + rng.gauss(0.0, 0.5)
         sentiment = "positive" if score > 0.6 else "negative" if score < -1.2 else "neutral"
@@ -1212,7 +1213,7 @@ class _Journeys:
             payload["sentiment"] = sentiment
         return [(t, "social_mention", {"social_handle": prof.handle}, payload)]
 
-    def _demo(self, c: _Customer, prof: _Profile, t: int) -> list[Event]:
+    def _demo(self, c: _Customer, prof: _Profile, t: int) -> list[_Touch]:
         rng = self.rng
         c.demo = True
         out = self._session(c, prof, t, pages=self._int(1, 3))
@@ -1222,15 +1223,15 @@ class _Journeys:
             out += self._call(c, prof, t + self._int(3600, 3 * 86400), outbound=True)
         return out
 
-    def _quote(self, c: _Customer, prof: _Profile, t: int) -> list[Event]:
+    def _quote(self, c: _Customer, prof: _Profile, t: int) -> list[_Touch]:
         c.quote = True
         out = self._session(c, prof, t, pages=self._int(1, 2))
         out.append(self._form(c, prof, out[-1][0] + self._int(10, 120), "quote_request"))
         return out
 
-    def _order(self, c: _Customer, prof: _Profile, t: int) -> list[Event]:
+    def _order(self, c: _Customer, prof: _Profile, t: int) -> list[_Touch]:
         rng = self.rng
-        out: list[Event] = []
+        out: list[_Touch] = []
         if rng.random() < 0.8:  # most orders come after browsing the shop
             out = self._session(c, prof, t, landing=self._pick(_PRODUCT_PAGES))
             out[0][3]["referrer"] = self._pick(_REFERRERS) or f"{_SITE}/"
@@ -1258,11 +1259,11 @@ class _Journeys:
         c.last_order = (order_id, minor, currency)
         return out
 
-    def _refund(self, c: _Customer, prof: _Profile, t: int) -> list[Event]:
+    def _refund(self, c: _Customer, prof: _Profile, t: int) -> list[_Touch]:
         rng = self.rng
         assert c.last_order is not None
         order_id, minor, currency = c.last_order
-        out: list[Event] = []
+        out: list[_Touch] = []
         if rng.random() < 0.4:
             subject = f"Refund request for order {order_id} ({prof.name})"
             opened = {"ticket_id": self._next_id("tkt"), "subject": subject, "priority": "normal"}
@@ -1282,14 +1283,14 @@ class _Journeys:
         c.mood -= 0.15
         return out
 
-    def _ticket(self, c: _Customer, prof: _Profile, t: int) -> list[Event]:
+    def _ticket(self, c: _Customer, prof: _Profile, t: int) -> list[_Touch]:
         rng = self.rng
         ticket = self._next_id("tkt")
         priority = self._weighted(_PRIORITIES, [15, 60, 20, 5])
         subject = self._fill(self._pick(_TICKET_SUBJECTS), c, prof)
         ident = {"email": prof.email}
         opened = {"ticket_id": ticket, "subject": subject, "priority": priority}
-        out: list[Event] = [(t, "ticket_opened", ident, opened)]
+        out: list[_Touch] = [(t, "ticket_opened", ident, opened)]
         if rng.random() < 0.3:
             out += self._chat(c, prof, t + self._int(60, 3600))
         hours = {"urgent": 2, "high": 8, "normal": 24, "low": 72}[priority]
@@ -1303,7 +1304,7 @@ class _Journeys:
         out.append((t, "ticket_resolved", ident, resolved))
         return out
 
-    def _consent(self, c: _Customer, prof: _Profile, t: int) -> list[Event]:
+    def _consent(self, c: _Customer, prof: _Profile, t: int) -> list[_Touch]:
         rng = self.rng
         if c.can_email and rng.random() < 0.5:
             purpose, status = "email_marketing", "withdrawn"  # unsubscribed: goes quiet on email
