@@ -41,6 +41,7 @@ from ledger.store import StoredRow
 
 _PERSONAL_MARK = b'"personal":"'
 _TS = pa.timestamp("us", tz="UTC")
+_SMALL_BATCH = 2_000
 ProgressFn = Callable[[int, int], None]
 
 
@@ -80,6 +81,8 @@ class ProjectionRunner:
             _x(self.con, "INSERT INTO rfm_segments SELECT * FROM segments_in")
             self.con.unregister("segments_in")
         _x(self.con, sql("customer_360", "view"))
+        self._threads = int(_x(self.con, "SELECT current_setting('threads')")[0][0])
+        self._threads_now = self._threads
         self._published_at = 0.0
         self._derived_at = 0.0
         self._dirty = False
@@ -169,6 +172,8 @@ class ProjectionRunner:
         )
         identifiers = self._identifiers(rows, bodies, personal)
         con = self.con
+        # Small batches (follow mode) spend their time in per-thread overhead, not work.
+        self._use_threads(1 if len(rows) < _SMALL_BATCH else self._threads)
         _x(con, "BEGIN")
         try:
             con.register("batch_raw", batch)
@@ -192,6 +197,11 @@ class ProjectionRunner:
         finally:
             for name in ("batch_raw", "batch_identifiers", "history_batch", "changes_batch"):
                 con.unregister(name)
+
+    def _use_threads(self, threads: int) -> None:
+        if threads != self._threads_now:
+            _x(self.con, f"SET threads = {threads}")
+            self._threads_now = threads
 
     def _identifiers(
         self, rows: list[StoredRow], bodies: list[bytes], personal: list[bool]
@@ -315,6 +325,7 @@ class ProjectionRunner:
         if derived == position and not force:
             return False
         con = self.con
+        self._use_threads(self._threads)
         row = con.execute(
             "SELECT coalesce((SELECT as_of_setting FROM projection_state), "
             "(SELECT max(occurred_at) FROM events))"

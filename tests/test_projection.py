@@ -1,0 +1,320 @@
+"""Projection runner: a scripted journey with hand-computed tables, late events, forget,
+rebuild equals incremental (SQLite, and the journey on PostgreSQL too)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from fixtures.projection_data import assert_same_tables, event, generated, order, project
+from ledger.ledger import Ledger
+from ledger.projection import lifecycle
+from ledger.projection.runner import ProjectionRunner
+from ledger.settings import Settings
+
+UTC = dt.UTC
+
+
+def t(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def alice_and_bob() -> list[dict]:
+    a = "cus_alice"
+    return [
+        event(
+            a,
+            "2026-01-05T09:00:00Z",
+            "page_viewed",
+            {"url": "https://shop/"},
+            {"anonymous_id": "anon-1"},
+        ),
+        event(
+            a,
+            "2026-01-05T09:05:00Z",
+            "form_submitted",
+            {"form_id": "newsletter_signup", "fields": {"note": "hi"}},
+            {"email": "alice@example.com", "name": "Alice"},
+        ),
+        event(
+            a,
+            "2026-01-06T10:00:00Z",
+            "consent_changed",
+            {"purpose": "email_marketing", "status": "granted"},
+        ),
+        event(a, "2026-01-07T10:00:00Z", "email_sent", {"message_id": "m1"}),
+        event(
+            a, "2026-01-08T10:00:00Z", "email_clicked", {"message_id": "m1", "url": "https://x/"}
+        ),
+        event(a, "2026-01-10T10:00:00Z", "form_submitted", {"form_id": "demo_request"}),
+        event(a, "2026-01-12T10:00:00Z", "form_submitted", {"form_id": "quote_request"}),
+        order(a, "2026-01-15T10:00:00Z", "o1", "100.00"),
+        event(a, "2026-01-20T10:00:00Z", "ticket_opened", {"ticket_id": "t1"}),
+        event(a, "2026-01-21T10:00:00Z", "ticket_resolved", {"ticket_id": "t1", "satisfaction": 5}),
+        event(a, "2026-01-22T10:00:00Z", "ticket_opened", {"ticket_id": "t2"}),
+        event(
+            a,
+            "2026-02-01T10:00:00Z",
+            "order_refunded",
+            {"order_id": "o1", "amount": {"amount": "20.00", "currency": "EUR"}},
+        ),
+        order(a, "2026-09-01T10:00:00Z", "o2", "50.00"),
+        event(
+            "cus_bob",
+            "2026-03-01T10:00:00Z",
+            "chat_message",
+            {"conversation_id": "c1", "direction": "inbound", "text": "hello"},
+            {"phone": "+4915112345678"},
+        ),
+        event(
+            "cus_bob",
+            "2026-03-02T10:00:00Z",
+            "call_completed",
+            {
+                "call_id": "k1",
+                "direction": "outbound",
+                "duration_seconds": 60,
+                "outcome": "answered",
+            },
+        ),
+    ]
+
+
+def one(con: duckdb.DuckDBPyConnection, sql: str) -> dict:
+    cur = con.execute(sql)
+    names = [d[0] for d in cur.description]
+    found = cur.fetchall()
+    assert len(found) == 1, f"{sql}: {len(found)} rows"
+    return dict(zip(names, found[0], strict=True))
+
+
+def test_scripted_journey_in_every_table(settings: Settings, tmp_path: Path) -> None:
+    with Ledger.open(settings) as ledger:
+        ledger.append(alice_and_bob())
+        # A late event: it occurred before everything else but arrives last.
+        late = event("cus_alice", "2026-01-03T08:00:00Z", "page_viewed", {"url": "https://a/"})
+        ledger.append([late])
+        with project(ledger, tmp_path / "p.duckdb", batch_size=4) as runner:
+            con = runner.con
+            c = one(con, "SELECT * FROM customer_360 WHERE customer_id = 'cus_alice'")
+            assert c["email"] == "alice@example.com"
+            assert c["name"] == "Alice"
+            assert c["anonymous_id"] == "anon-1"
+            assert c["phone"] is None and c["erased"] is False
+            assert c["first_seen"] == t("2026-01-03T08:00:00Z")  # the late event
+            assert c["last_seen"] == t("2026-09-01T10:00:00Z")
+            assert c["events"] == 14
+            assert (c["web_events"], c["email_events"], c["commerce_events"]) == (5, 2, 3)
+            assert (c["support_events"], c["system_events"], c["chat_events"]) == (3, 1, 0)
+            assert (c["page_viewed"], c["form_submitted"], c["email_clicked"]) == (2, 3, 1)
+            assert c["orders"] == 2
+            assert c["revenue"] == Decimal("150")
+            assert c["refunds"] == Decimal("20")
+            assert c["net_revenue"] == Decimal("130")
+            assert c["currencies"] == "EUR"
+            assert c["open_tickets"] == 1
+            assert c["last_contact_at"] == t("2026-01-12T10:00:00Z")
+            assert c["last_contact_channel"] == "web"
+            assert c["consent_email_marketing"] == "granted"
+            assert c["consent_tracking"] is None
+            assert c["lifecycle_stage"] == "customer"
+            assert c["lifecycle_since"] == t("2026-09-01T10:00:00Z")
+            assert c["rfm_segment"] is not None and c["churn_risk"] in ("low", "medium", "high")
+
+            history = con.execute(
+                "SELECT step, from_stage, to_stage, occurred_at FROM lifecycle_history "
+                "WHERE customer_id = 'cus_alice' ORDER BY step"
+            ).fetchall()
+            assert [(h[1], h[2]) for h in history] == [
+                (None, "subscriber"),
+                ("subscriber", "marketing_qualified"),
+                ("marketing_qualified", "sales_qualified"),
+                ("sales_qualified", "opportunity"),
+                ("opportunity", "customer"),
+                ("customer", "advocate"),
+                ("advocate", "churned"),
+                ("churned", "customer"),
+            ]
+            assert [h[0] for h in history] == list(range(1, 9))
+            assert history[5][3] == t("2026-01-21T10:00:00Z")
+            # Churn and reactivation are both caused by the order that came 229 days later.
+            assert history[6][3] == history[7][3] == t("2026-09-01T10:00:00Z")
+            lc = one(con, "SELECT * FROM lifecycle WHERE customer_id = 'cus_alice'")
+            assert (lc["stage"], lc["previous_stage"], lc["transitions"]) == (
+                "customer",
+                "churned",
+                8,
+            )
+            bob = one(con, "SELECT * FROM customer_360 WHERE customer_id = 'cus_bob'")
+            assert bob["phone"] == "+4915112345678"
+            assert bob["lifecycle_stage"] == "lead"  # the outbound call changes nothing
+            assert bob["orders"] == 0 and bob["rfm_segment"] is None
+            assert bob["churn_method"] == "engagement"
+            assert bob["last_contact_channel"] == "call"
+
+            # The stream: every change, in order, with ids matching the history.
+            stream = con.execute(
+                "SELECT seq, customer_id, to_stage, CAST(change_id AS VARCHAR), "
+                "CAST(event_id AS VARCHAR) FROM lifecycle_changes ORDER BY seq"
+            ).fetchall()
+            assert [s[0] for s in stream] == list(range(1, 10))
+            assert [s[2] for s in stream if s[1] == "cus_alice"][-2:] == ["churned", "customer"]
+            for s in stream:
+                assert s[3] == lifecycle.change_id(
+                    s[1],
+                    s[4],
+                    con.execute(
+                        "SELECT from_stage FROM lifecycle_changes WHERE seq = ?", [s[0]]
+                    ).fetchall()[0][0],
+                    s[2],
+                )
+            state = one(con, "SELECT * FROM projection_state")
+            assert state["position"] == state["derived_position"] == 16
+            assert state["as_of"] == t("2026-09-01T10:00:00Z")
+
+            r = one(con, "SELECT * FROM rfm WHERE customer_id = 'cus_alice'")
+            assert r["frequency"] == 2 and r["monetary"] == Decimal("130")
+            assert r["recency_days"] == 0.0
+            assert (r["r_score"], r["f_score"], r["m_score"]) == (1, 1, 1)  # the only buyer
+            assert r["segment"] == "Lost"
+
+
+def test_late_events_rewrite_first_seen_rfm_and_lifecycle(
+    sqlite_settings: Settings, tmp_path: Path
+) -> None:
+    with Ledger.open(sqlite_settings) as ledger:
+        ledger.append([order("cus_c", "2025-06-01T00:00:00Z", "o2", "10")])
+        runner = project(ledger, tmp_path / "p.duckdb")
+        con = runner.con
+        assert con.execute("SELECT first_seen, lifecycle_stage FROM customer_360").fetchall() == [
+            (t("2025-06-01T00:00:00Z"), "customer")
+        ]
+        ledger.append([order("cus_c", "2025-02-01T00:00:00Z", "o1", "5")])  # late
+        runner.run()
+        assert con.execute(
+            "SELECT first_seen, first_order_at, orders FROM customer_360"
+        ).fetchall() == [(t("2025-02-01T00:00:00Z"), t("2025-02-01T00:00:00Z"), 2)]
+        history = con.execute(
+            "SELECT to_stage, occurred_at, event_position FROM lifecycle_history"
+        ).fetchall()
+        assert history == [("customer", t("2025-02-01T00:00:00Z"), 2)]
+        # The stream keeps what it published and adds the new fact, in ledger order.
+        assert con.execute(
+            "SELECT seq, occurred_at, ledger_position FROM lifecycle_changes ORDER BY seq"
+        ).fetchall() == [
+            (1, t("2025-06-01T00:00:00Z"), 1),
+            (2, t("2025-02-01T00:00:00Z"), 2),
+        ]
+        assert con.execute("SELECT frequency, monetary, last_order_at FROM rfm").fetchall() == [
+            (2, Decimal("15"), t("2025-06-01T00:00:00Z"))
+        ]
+        # A late order inside a lapse removes the churn it had caused.
+        ledger.append([order("cus_c", "2026-01-01T00:00:00Z", "o3", "1")])
+        runner.run()
+        stages = "SELECT to_stage FROM lifecycle_history ORDER BY step"
+        assert [r[0] for r in con.execute(stages).fetchall()] == [
+            "customer",
+            "churned",
+            "customer",
+        ]
+        ledger.append([order("cus_c", "2025-10-01T00:00:00Z", "o4", "1")])  # late, fills gap
+        runner.run()
+        assert [r[0] for r in con.execute(stages).fetchall()] == ["customer"]
+        runner.close()
+        with project(ledger, tmp_path / "rebuilt.duckdb") as rebuilt:
+            assert_same_tables(
+                runner_con := duckdb.connect(str(tmp_path / "p.duckdb")), rebuilt.con
+            )
+            runner_con.close()
+
+
+def test_forget_erases_identifiers_and_rebuild_agrees(
+    sqlite_settings: Settings, tmp_path: Path
+) -> None:
+    with Ledger.open(sqlite_settings) as ledger:
+        ledger.append(alice_and_bob())
+        runner = project(ledger, tmp_path / "p.duckdb", batch_size=5)
+        email = "SELECT email, name, erased FROM customer_360 WHERE customer_id = 'cus_alice'"
+        assert runner.con.execute(email).fetchall() == [("alice@example.com", "Alice", False)]
+        assert ledger.forget("cus_alice")
+        runner.run()
+        assert runner.con.execute(email).fetchall() == [(None, None, True)]
+        assert runner.con.execute(
+            "SELECT count(*) FROM customer_identifiers WHERE customer_id = 'cus_alice'"
+        ).fetchall() == [(0,)]
+        # Bob is untouched; Alice's counts and stage stay (they are not personal data).
+        assert runner.con.execute(
+            "SELECT phone FROM customer_360 WHERE customer_id = 'cus_bob'"
+        ).fetchall() == [("+4915112345678",)]
+        assert runner.con.execute(
+            "SELECT events, lifecycle_stage FROM customer_360 WHERE customer_id = 'cus_alice'"
+        ).fetchall() == [(14, "customer")]
+        # She comes back: a new key, new identifiers that show (with the erasure on record).
+        ledger.append(
+            [
+                event(
+                    "cus_alice",
+                    "2026-10-01T00:00:00Z",
+                    "page_viewed",
+                    {"url": "https://x/"},
+                    {"email": "new@example.com"},
+                )
+            ]
+        )
+        runner.run()
+        assert runner.con.execute(email).fetchall() == [("new@example.com", None, True)]
+        runner.close()
+        with (
+            project(ledger, tmp_path / "rebuilt.duckdb", batch_size=3) as rebuilt,
+            duckdb.connect(str(tmp_path / "p.duckdb")) as incremental,
+        ):
+            assert_same_tables(incremental, rebuilt.con)
+
+
+@pytest.mark.parametrize("batches", [(17,), (7, 130, 500), (250, 1_000)])
+def test_rebuild_equals_incremental(
+    sqlite_settings: Settings, tmp_path: Path, batches: tuple[int, ...]
+) -> None:
+    lines = generated(3_000, 150)
+    with Ledger.open(sqlite_settings) as ledger:
+        incremental = ProjectionRunner(ledger, tmp_path / "inc.duckdb", batch_size=batches[0])
+        # Append in slices and project between them, changing the batch size as we go.
+        for n, start in enumerate(range(0, len(lines), 700)):
+            result = ledger.append(lines[start : start + 700])
+            assert not result.rejected
+            incremental.batch_size = batches[n % len(batches)]
+            incremental.run()
+        with project(ledger, tmp_path / "full.duckdb") as rebuilt:
+            assert rebuilt.position == incremental.position == 3_000
+            n_buyers = rebuilt.con.execute("SELECT count(*) FROM rfm").fetchall()[0][0]
+            assert n_buyers >= 20  # the data set exercises the BG/NBD fit
+            assert_same_tables(incremental.con, rebuilt.con)
+        incremental.close()
+
+
+def test_counts_add_up_on_generated_data(sqlite_settings: Settings, tmp_path: Path) -> None:
+    lines = generated(3_000, 150, seed=7)
+    with Ledger.open(sqlite_settings) as ledger:
+        ledger.append(lines)
+        with project(ledger, tmp_path / "p.duckdb", batch_size=333) as runner:
+            con = runner.con
+            assert con.execute("SELECT sum(events), count(*) FROM customer_360").fetchall() == [
+                (3_000, 150)
+            ]
+            by_type = dict(ledger.stats().by_type)
+            assert con.execute("SELECT sum(order_placed) FROM customer_360").fetchall()[0][
+                0
+            ] == by_type.get("order_placed", 0)
+            model = one(con, "SELECT * FROM churn_model")
+            assert model["converged"] and model["time_unit"] == "week"
+            assert all(model[k] > 0 for k in ("r", "alpha", "a", "b"))
+            assert con.execute(
+                "SELECT count(*) FROM churn_risk WHERE method = 'bgnbd' AND p_alive IS NULL"
+            ).fetchall() == [(0,)]
+            assert con.execute(
+                "SELECT count(*) FROM customer_360 WHERE churn_risk IS NULL"
+            ).fetchall() == [(0,)]
