@@ -1,0 +1,182 @@
+"""Projections across processes: SIGKILL at random points then resume (exactly once),
+analysts querying and subscribing while `ledger project --follow` writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+
+from fixtures.projection_data import assert_same_tables, generated, project
+from ledger.ledger import Ledger
+from ledger.projection import snapshot
+from ledger.settings import Settings
+
+KILL_SEED = 20260301
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env["LEDGER_HOME"] = str(settings.home)
+    env["LEDGER_MASTER_KEY"] = str(settings.master_key)
+    env.pop("LEDGER_STORE_URL", None)
+    return env
+
+
+def _ledger_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ledger", *args]
+
+
+def _applied(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with duckdb.connect(str(path), read_only=True) as con:
+        try:
+            return int(con.execute("SELECT position FROM projection_state").fetchall()[0][0])
+        except duckdb.CatalogException:
+            return 0  # killed before the schema was committed
+
+
+def test_sigkill_at_random_points_then_resume_counts_once(
+    sqlite_settings: Settings, tmp_path: Path
+) -> None:
+    total = 3_000
+    with Ledger.open(sqlite_settings) as ledger:
+        assert not ledger.append(generated(total, 150)).rejected
+    rng = random.Random(KILL_SEED)
+    env = _env(sqlite_settings)
+    path = sqlite_settings.projections_path
+    kills_midway = 0
+    seen: list[int] = []
+    for _attempt in range(40):
+        proc = subprocess.Popen(
+            _ledger_cmd("project", "--batch-size", "25"),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            proc.wait(timeout=rng.uniform(1.2, 3.5))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            position = _applied(path)
+            seen.append(position)
+            if 0 < position < total:
+                kills_midway += 1
+            continue
+        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+        break
+    else:
+        raise AssertionError(f"the runner never finished; positions after kills: {seen}")
+    assert kills_midway >= 2, f"kills did not land mid-way often enough: {seen}"
+    assert seen == sorted(seen), "a restart must never go back in the log"
+    with (
+        Ledger.open(sqlite_settings) as ledger,
+        project(ledger, tmp_path / "clean.duckdb") as clean,
+        duckdb.connect(str(path), read_only=True) as resumed,
+    ):
+        assert clean.position == total
+        assert resumed.execute("SELECT sum(events) FROM customer_360").fetchall() == [(total,)]
+        assert_same_tables(resumed, clean.con)
+
+
+def test_query_and_subscribe_while_follow_writes(sqlite_settings: Settings, tmp_path: Path) -> None:
+    lines = generated(3_000, 150, seed=11)
+    env = _env(sqlite_settings)
+    with Ledger.open(sqlite_settings) as ledger:
+        ledger.append(lines[:500])
+        follower = subprocess.Popen(
+            _ledger_cmd("project", "--follow", "--batch-size", "200"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        subscriber = subprocess.Popen(
+            _ledger_cmd("subscribe", "lifecycle", "--json"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not snapshot.snapshot_path(sqlite_settings).exists():
+                assert time.monotonic() < deadline, "no snapshot was published"
+                assert follower.poll() is None, follower.communicate()
+                time.sleep(0.05)
+
+            def append_rest() -> None:
+                for start in range(500, len(lines), 100):
+                    ledger.append(lines[start : start + 100])
+                    time.sleep(0.03)
+
+            writer = threading.Thread(target=append_rest)
+            writer.start()
+            checks = 0
+            positions: list[int] = []
+            while writer.is_alive() or checks < 5:
+                # A snapshot holds whole batches: the per-customer counts add up to the
+                # position, and the change stream to the recorded count, at every read.
+                got = snapshot.query(
+                    "SELECT (SELECT position FROM projection_state) AS position, "
+                    "(SELECT coalesce(sum(events), 0) FROM customer_360) AS counted, "
+                    "(SELECT changes FROM projection_state) AS changes, "
+                    "(SELECT count(*) FROM lifecycle_changes) AS streamed",
+                    sqlite_settings,
+                ).to_pylist()[0]
+                assert got["position"] == got["counted"], got
+                assert got["changes"] == got["streamed"], got
+                positions.append(got["position"])
+                checks += 1
+                time.sleep(0.02)
+            writer.join()
+            cli = subprocess.run(
+                _ledger_cmd("query", "SELECT position FROM projection_state", "--format", "json"),
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert cli.returncode == 0, cli.stderr
+            assert json.loads(cli.stdout)[0]["position"] <= len(lines)
+            while True:
+                got = snapshot.query("SELECT position FROM projection_state", sqlite_settings)
+                if got.to_pylist()[0]["position"] == len(lines):
+                    break
+                assert time.monotonic() < deadline + 60, "the follower did not catch up"
+                time.sleep(0.1)
+            assert positions == sorted(positions)
+            assert len(set(positions)) > 2, "reads should see the follower progress"
+            time.sleep(1.0)  # let the subscriber's next poll see the last snapshot
+        finally:
+            follower.send_signal(signal.SIGINT)
+            subscriber.send_signal(signal.SIGINT)
+            out, err = follower.communicate(timeout=60)
+            sub_out, sub_err = subscriber.communicate(timeout=60)
+        assert follower.returncode == 0, err
+        assert subscriber.returncode == 0, sub_err
+        assert "projections at position 3,000" in out
+        changes = [json.loads(line) for line in sub_out.splitlines()]
+        with duckdb.connect(str(sqlite_settings.projections_path), read_only=True) as con:
+            expected = con.execute(
+                "SELECT seq, CAST(change_id AS VARCHAR) FROM lifecycle_changes ORDER BY seq"
+            ).fetchall()
+        assert [(c["seq"], c["change_id"]) for c in changes] == expected
+        # Ending the follow and catching up once more equals a clean rebuild.
+        done = subprocess.run(_ledger_cmd("project"), env=env, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        with (
+            project(ledger, tmp_path / "clean.duckdb") as clean,
+            duckdb.connect(str(sqlite_settings.projections_path), read_only=True) as followed,
+        ):
+            assert_same_tables(followed, clean.con)
