@@ -231,3 +231,37 @@ def test_stats_count_types_and_channels(ledger: Ledger, make_event: MakeEvent) -
     assert stats.by_channel == {"chat": 1, "commerce": 1, "system": 1, "web": 2}
     assert (stats.events, stats.customers, stats.first_position) == (5, 5, 1)
     assert stats.sizes and all(size > 0 for size in stats.sizes.values() if size)
+
+
+def test_tracking_advances_on_batches_with_nothing_new(
+    ledger: Ledger, make_event: MakeEvent
+) -> None:
+    """A consumer's offsets must move past a batch that was all duplicates or all invalid,
+    or a restarted worker would re-read it forever."""
+    event = make_event("cus_t")
+    ledger.append([event], tracking=[Tracking("touchpoints-1", 1)])
+    dup = ledger.append([event], tracking=[Tracking("touchpoints-1", 2)])
+    assert (dup.accepted, dup.duplicates) == (0, 1)
+    bad = ledger.append(["{oops"], tracking=[Tracking("touchpoints-1", 3)])
+    assert (bad.accepted, len(bad.rejected)) == (0, 1)
+    ledger.append([], tracking=[Tracking("touchpoints-1", 4), Tracking("touchpoints-2", 7)])
+    assert ledger.store.tracking_position("touchpoints-1") == 4
+    assert ledger.store.tracking_position("touchpoints-2") == 7
+    assert ledger.position == 1
+
+
+def test_strictness_comes_from_settings_and_can_be_overridden_per_batch(
+    sqlite_settings: Settings, make_event: MakeEvent
+) -> None:
+    strict = sqlite_settings.model_copy(update={"strict": True})
+    with Ledger.open(strict) as ledger:
+        refused = ledger.append([make_event("cus_1", utm_source="newsletter")])
+        assert refused.accepted == 0
+        assert refused.rejected[0].problems[0].startswith("utm_source: unknown field")
+        lax = ledger.append([make_event("cus_1", utm_source="newsletter")], strict=False)
+        assert lax.accepted == 1
+        assert ledger.history("cus_1")[0].extra == {"utm_source": "newsletter"}
+    empty = Ledger.open(sqlite_settings.model_copy(update={"home": sqlite_settings.home / "e"}))
+    with empty:
+        report = empty.verify()
+        assert (report.ok, report.events, report.customers, empty.position) == (True, 0, 0, 0)
