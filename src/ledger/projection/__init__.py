@@ -11,13 +11,13 @@ The SQL that defines each table lives in ``projections/*.sql``.
 
 from ledger.projection.runner import ProjectionRunner
 from ledger.projection.snapshot import connect, query
-from ledger.projection.subscribe import LifecycleChange, changes_after, subscribe
+from ledger.projection.subscribe import LifecycleChange, changes_after, iter_changes
 
 __all__ = [
     "LifecycleChange",
     "ProjectionRunner",
     "changes_after",
     "connect",
+    "iter_changes",
     "query",
-    "subscribe",
 ]

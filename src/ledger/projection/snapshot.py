@@ -87,6 +87,8 @@ def query(sql: str, settings: Settings | None = None) -> pa.Table:
     """Run ``sql`` against the latest snapshot and return an Arrow table."""
     with connect(settings) as con:
         try:
-            return con.sql(sql).to_arrow_table()
+            result = con.sql(sql)
+            # Statements without a result set (SET, PRAGMA ...) give an empty table.
+            return pa.table({}) if result is None else result.to_arrow_table()
         except duckdb.Error as exc:
             raise LedgerError(f"the query failed: {exc}") from None
