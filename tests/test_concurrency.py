@@ -23,25 +23,28 @@ EVENTS = 1_200
 BATCH = 20
 CUSTOMERS = 15
 
-# Runs in a fresh interpreter: waits for the start signal, appends its slice in batches,
-# re-sends its first batch at the end (a redelivery), and reports what each append said.
+# Runs in a fresh interpreter: opens the ledger (both open a fresh store at the same time),
+# says it is ready, waits for the start signal (so a slow start under load cannot serialise
+# the two writers), appends its slice in batches, re-sends its first batch at the end (a
+# redelivery), and reports what each append said.
 WORKER = r"""
 import json, os, sys, time
 from pathlib import Path
 from ledger.ledger import Ledger
 
-lines_file, start, stop, reverse, batch, go = sys.argv[1:7]
+lines_file, start, stop, reverse, batch, go, ready = sys.argv[1:8]
 lines = Path(lines_file).read_bytes().splitlines()[int(start):int(stop)]
 batches = [lines[i:i + int(batch)] for i in range(0, len(lines), int(batch))]
 if reverse == "1":
     batches = [list(reversed(b)) for b in reversed(batches)]
-deadline = time.monotonic() + 60
-while not os.path.exists(go):
-    if time.monotonic() > deadline:
-        sys.exit("no start signal")
-    time.sleep(0.002)
 report = []
 with Ledger.open() as ledger:
+    Path(ready).touch()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(go):
+        if time.monotonic() > deadline:
+            sys.exit("no start signal")
+        time.sleep(0.002)
     for chunk in [*batches, batches[0]]:
         r = ledger.append(chunk)
         report.append([r.accepted, r.duplicates, len(r.rejected), r.first_position,
@@ -73,27 +76,24 @@ def run_two_writers(settings: Settings, make_event: MakeEvent, tmp_path: Path) -
     # They meet in the middle third, racing for the same event ids and the same chains.
     third = EVENTS // 3
     slices = [(0, 2 * third, "0"), (third, EVENTS, "1")]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                WORKER,
-                str(lines_file),
-                str(a),
-                str(b),
-                rev,
-                str(BATCH),
-                str(go),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+    ready = [tmp_path / f"ready-{n}" for n in range(len(slices))]
+    procs = []
+    for (a, b, rev), flag in zip(slices, ready, strict=True):
+        argv = [str(lines_file), str(a), str(b), rev, str(BATCH), str(go), str(flag)]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, *argv],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
         )
-        for a, b, rev in slices
-    ]
-    time.sleep(0.5)  # both interpreters importing; the go file releases them together
-    go.touch()
+    deadline = time.monotonic() + 120
+    while not all(flag.exists() for flag in ready):
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        assert time.monotonic() < deadline, "the writers did not start"
+        time.sleep(0.01)
+    go.touch()  # both are open and waiting: released together
     reports = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)
