@@ -98,6 +98,11 @@ class EventStore(abc.ABC):
     @abc.abstractmethod
     def wrapped_key(self, customer_id: str) -> bytes | None: ...
 
+    def read_wrapped_keys(self, customer_ids: Sequence[str]) -> dict[str, bytes]:
+        """Wrapped keys of many customers at once (bulk readers such as projections)."""
+        found = {c: self.wrapped_key(c) for c in customer_ids}
+        return {c: k for c, k in found.items() if k is not None}
+
     @abc.abstractmethod
     def all_heads(self) -> Iterator[tuple[str, Head]]: ...
 

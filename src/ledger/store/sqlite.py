@@ -194,6 +194,17 @@ class SQLiteStore(EventStore):
         )
         return rows[0][0] if rows else None
 
+    def read_wrapped_keys(self, customer_ids: Sequence[str]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for chunk in _chunks(customer_ids):
+            rows = self._query(
+                "SELECT customer_id, wrapped_key FROM ledger_keys "
+                f"WHERE customer_id IN ({','.join('?' * len(chunk))})",
+                list(chunk),
+            )
+            out.update((r[0], r[1]) for r in rows)
+        return out
+
     def all_heads(self) -> Iterator[tuple[str, Head]]:
         for r in self._query("SELECT customer_id, last_sequence, head_hash FROM ledger_streams"):
             yield r[0], Head(r[1], r[2])
