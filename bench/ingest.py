@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -93,8 +94,15 @@ def generate(path: Path, events: int, customers: int, seed: int) -> None:
     )
 
 
-def bench_ledger(path: Path, work: Path, batch: int) -> tuple[float, IngestReport, RssSampler]:
-    settings = Settings(home=work / "ledger", master_key="ab" * 32, batch_size=batch)
+def bench_ledger(
+    path: Path, work: Path, batch: int, synchronous: str
+) -> tuple[float, IngestReport, RssSampler]:
+    settings = Settings(
+        home=work / "ledger",
+        master_key="ab" * 32,
+        batch_size=batch,
+        sqlite_synchronous=synchronous,  # type: ignore[arg-type]
+    )
     with Ledger.open(settings) as ledger, DeadLetters(settings.rejected_dir) as dead:
         with RssSampler() as rss, path.open("rb") as fh:
             start = time.perf_counter()
@@ -194,6 +202,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--batch", type=int, default=5_000, help="events per transaction")
     parser.add_argument("--idiomatic-events", type=int, default=20_000)
+    parser.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL")
+    parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--work", type=Path, default=None, help="keep files here (default: tmp)")
     args = parser.parse_args()
 
@@ -205,9 +215,23 @@ def main() -> None:
         generate(data, args.events, args.customers, args.seed)
     print(f"input: {data} ({data.stat().st_size / 2**20:,.0f} MB)")
 
-    print("ledger (validate + dedupe + encrypt + hash-chain + append) ...")
-    t_ledger, report, rss = bench_ledger(data, work, args.batch)
+    if (work / "ledger").exists():
+        shutil.rmtree(work / "ledger")
+    print(
+        f"ledger (validate + dedupe + encrypt + hash-chain + append, synchronous="
+        f"{args.synchronous}) ..."
+    )
+    t_ledger, report, rss = bench_ledger(data, work, args.batch, args.synchronous)
     eps_ledger = report.lines / t_ledger
+    if args.skip_baselines:
+        print(
+            f"ledger: {report.lines:,} events in {t_ledger:.1f} s = "
+            f"{report.lines / t_ledger:,.0f} events/s; peak RSS {rss.peak_mb:,.0f} MB"
+        )
+        return
+    for stale in ("ceiling.db", "idiomatic.db"):
+        for p in work.glob(stale + "*"):
+            p.unlink()
     print("ceiling (raw executemany into a bare table) ...")
     t_ceiling, n_ceiling = bench_ceiling(data, work, args.batch)
     eps_ceiling = n_ceiling / t_ceiling

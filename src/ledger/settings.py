@@ -7,6 +7,7 @@ override them through the same environment variables.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +35,12 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(default=5_000, ge=1, description="Events per append transaction.")
     sqlite_cache_mb: int = Field(default=64, ge=1, description="SQLite page cache per connection.")
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        default="FULL",
+        description="FULL syncs every commit to disk (survives power loss). NORMAL syncs only "
+        "at checkpoints: safe against crashes of the process, faster, but a power loss may "
+        "lose the last commits (never corrupt the ledger).",
+    )
 
     # --- distributed mode (Kafka). Defaults suit Apache Kafka; tests use BROKER.md's values.
     kafka: str | None = Field(default=None, description="Kafka bootstrap servers, host:port,...")

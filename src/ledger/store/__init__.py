@@ -15,7 +15,11 @@ def open_store(settings: Settings) -> EventStore:
     from ledger.store.sqlite import SQLiteStore
 
     settings.home.mkdir(parents=True, exist_ok=True)
-    return SQLiteStore(settings.sqlite_path, cache_mb=settings.sqlite_cache_mb)
+    return SQLiteStore(
+        settings.sqlite_path,
+        cache_mb=settings.sqlite_cache_mb,
+        synchronous=settings.sqlite_synchronous,
+    )
 
 
 __all__ = ["EventStore", "StoredRow", "WriteSession", "open_store"]

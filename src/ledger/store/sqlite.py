@@ -30,6 +30,7 @@ class _Pool(SQLiteConnectionPool):
     """eventsourcing's pool, plus the pragmas an append-heavy ledger wants."""
 
     cache_mb = 64
+    synchronous = "FULL"
 
     def _create_connection(self) -> SQLiteConnection:
         conn = super()._create_connection()
@@ -37,7 +38,7 @@ class _Pool(SQLiteConnectionPool):
         raw.execute(f"PRAGMA cache_size=-{self.cache_mb * 1024}")
         # Deleted key material is overwritten, not left in free pages.
         raw.execute("PRAGMA secure_delete=ON")
-        raw.execute("PRAGMA synchronous=FULL")
+        raw.execute(f"PRAGMA synchronous={self.synchronous}")
         return conn
 
 
@@ -139,7 +140,14 @@ class _SQLiteSession(WriteSession):
 
 
 class SQLiteStore(EventStore):
-    def __init__(self, path: Path, *, cache_mb: int = 64, lock_timeout_s: int = 60):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        cache_mb: int = 64,
+        synchronous: str = "FULL",
+        lock_timeout_s: int = 60,
+    ):
         self.path = Path(path)
         self.location = str(self.path)
         self.datastore = SQLiteDatastore(
@@ -149,6 +157,7 @@ class SQLiteStore(EventStore):
         self.datastore.pool.close()
         pool = _Pool(db_name=str(self.path), lock_timeout=lock_timeout_s)
         pool.cache_mb = cache_mb
+        pool.synchronous = synchronous
         self.datastore.pool = pool
         self.recorder = LedgerSQLiteRecorder(self.datastore)
         create_schema(self.recorder)
