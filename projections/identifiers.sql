@@ -16,19 +16,23 @@ WHERE i.customer_id = f.customer_id AND i.position < f.forgotten_at_position;
 
 -- name: merge
 INSERT INTO customer_identifiers
+WITH batch AS (
+    SELECT position, customer_id, occurred_at FROM events WHERE position > $after
+),
+forgotten AS (
+    SELECT customer_id, max(position) AS at_position
+    FROM events
+    WHERE type = 'customer_forgotten'
+    GROUP BY customer_id
+)
 SELECT customer_id, field,
        arg_max(value, {t: occurred_at, p: position}),
        max(occurred_at),
        arg_max(position, {t: occurred_at, p: position})
-FROM (
-    SELECT e.customer_id, b.field, b.value, e.occurred_at, e.position
-    FROM batch_identifiers b
-    JOIN events e ON e.position = b.position
-    WHERE e.position > coalesce((
-        SELECT max(f.position) FROM events f
-        WHERE f.type = 'customer_forgotten' AND f.customer_id = e.customer_id
-    ), 0)
-)
+FROM batch_identifiers b
+JOIN batch e USING (position)
+LEFT JOIN forgotten f USING (customer_id)
+WHERE e.position > coalesce(f.at_position, 0)
 GROUP BY customer_id, field
 ON CONFLICT (customer_id, field) DO UPDATE SET
     value = excluded.value, occurred_at = excluded.occurred_at, position = excluded.position

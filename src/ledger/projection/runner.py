@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 import duckdb
 import numpy as np
@@ -40,6 +39,7 @@ from ledger.settings import Settings
 from ledger.store import StoredRow
 
 _PERSONAL_MARK = b'"personal":"'
+_EVENT_ID_MARK = b'"event_id":"'
 _TS = pa.timestamp("us", tz="UTC")
 _SMALL_BATCH = 2_000
 ProgressFn = Callable[[int, int], None]
@@ -181,7 +181,7 @@ class ProjectionRunner:
             _x(con, sql("events", "load"))
             _x(con, sql("events", "affected"))
             _x(con, sql("identifiers", "erase"))
-            _x(con, sql("identifiers", "merge"))
+            _x(con, sql("identifiers", "merge"), {"after": after})
             _x(con, sql("customer_360", "refresh"))
             _x(con, sql("customer_360", "insert"))
             changes = self._lifecycle(after)
@@ -214,26 +214,36 @@ class ProjectionRunner:
             if row.type == "customer_forgotten":
                 keys.drop(row.customer_id)
         ciphers: dict[str, Any] = {}
+        missing = list(
+            dict.fromkeys(
+                r.customer_id
+                for r, has in zip(rows, personal, strict=True)
+                if has and keys.cached(r.customer_id) is None
+            )
+        )
+        wrapped = self.ledger.store.read_wrapped_keys(missing) if missing else {}
+        for customer in missing:
+            blob = wrapped.get(customer)
+            ciphers[customer] = None if blob is None else keys.load(customer, blob)
         out_pos: list[int] = []
         out_field: list[str] = []
         out_value: list[str] = []
+        mark, mark_len = _PERSONAL_MARK, len(_PERSONAL_MARK)
+        # The body is canonical JSON (sorted keys, escaped strings): the first `"event_id":"`
+        # and `"personal":"` are the top-level fields, so slicing beats parsing the event.
         for row, body, has in zip(rows, bodies, personal, strict=True):
             if not has:
                 continue
             customer = row.customer_id
-            if customer in ciphers:
-                cipher = ciphers[customer]
-            else:
-                cipher = keys.cached(customer)
-                if cipher is None:
-                    wrapped = self.ledger.store.wrapped_key(customer)
-                    cipher = None if wrapped is None else keys.load(customer, wrapped)
-                ciphers[customer] = cipher
+            cipher = ciphers[customer] if customer in ciphers else keys.cached(customer)
             if cipher is None:
                 continue
-            rec = orjson.loads(body)
+            start = body.find(mark) + mark_len
+            blob = body[start : body.index(b'"', start)]
+            at = body.find(_EVENT_ID_MARK) + len(_EVENT_ID_MARK)
+            event_id = bytes.fromhex(body[at : at + 36].replace(b"-", b"").decode())
             try:
-                plain = kr.decrypt(cipher, rec["personal"], UUID(rec["event_id"]).bytes)
+                plain = kr.decrypt(cipher, blob.decode(), event_id)
             except InvalidTag:
                 continue  # written under a key that was destroyed: erased
             ids = orjson.loads(plain).get("identifiers")
