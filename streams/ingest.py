@@ -30,6 +30,7 @@ import datetime as dt
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import faust
@@ -175,8 +176,9 @@ class LedgerSeekingConsumer(AIOKafkaConsumer):
         offsets = await asyncio.to_thread(
             processor.resume_offsets, [tp.partition for tp in assigned]
         )
-        for tp in assigned:
-            await self.seek(tp, offsets[tp.partition])
+        # seek_wait runs in the consumer's own thread: faust's seek() calls aiokafka from this
+        # thread, racing its fetcher (KeyError in Fetcher.fetched_records, worker crash).
+        await self.seek_wait({tp: offsets[tp.partition] for tp in assigned})
         log.info(
             "resumed from the ledger's offsets: %s",
             ", ".join(f"{p}@{o}" for p, o in sorted(offsets.items())),
@@ -290,6 +292,8 @@ def run_worker(app: faust.App, loglevel: str = "INFO") -> None:
     from faust.worker import Worker
 
     app.conf.web_enabled = False
+    # faust makes only the last level of its data directory.
+    Path(app.conf.datadir).mkdir(parents=True, exist_ok=True)
     Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
 
 
