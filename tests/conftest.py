@@ -112,6 +112,11 @@ SAMPLE_PAYLOADS: dict[str, dict[str, Any]] = {
     "ticket_resolved": {"ticket_id": "t-1", "resolution": "solved", "satisfaction": 4},
     "consent_changed": {"purpose": "email_marketing", "status": "granted"},
     "customer_forgotten": {},
+    "web_event": {"action": "track", "name": "Video Played", "properties": {"seconds": 12}},
+    "email_delivered": {"message_id": "m-1"},
+    "identity_linked": {"via": "identify", "traits": {"plan": "pro"}},
+    "customers_merged": {"merged_customer_id": "cus_00043", "identifier_type": "email"},
+    "identity_link_refused": {"identifier_type": "phone", "limit": 1},
 }
 
 

@@ -255,6 +255,46 @@ class ConsentChanged(TypedDict):
 
 
 @with_config(_ALLOW)
+class WebEvent(TypedDict):
+    """A web/app action with no typed event of its own (Segment track/screen/group calls)."""
+
+    action: Literal["track", "screen", "group"]
+    name: Annotated[str, Field(min_length=1, max_length=500)]
+    properties: NotRequired[Annotated[dict[str, Any], Field(description="As the site sent them.")]]
+
+
+@with_config(_ALLOW)
+class EmailDelivered(TypedDict):
+    message_id: Id
+    campaign_id: NotRequired[Id]
+
+
+@with_config(_ALLOW)
+class IdentityLinked(TypedDict):
+    """A channel said who someone is (Segment identify/alias); identifiers ride in the envelope."""
+
+    via: Literal["identify", "alias"]
+    traits: NotRequired[Annotated[dict[str, Any], Field(description="Profile traits sent.")]]
+
+
+@with_config(_ALLOW)
+class CustomersMerged(TypedDict):
+    """Identity stitching found two customers to be one: ``merged_customer_id`` joins this one."""
+
+    merged_customer_id: CustomerId
+    identifier_type: Annotated[str, Field(max_length=50)]
+
+
+@with_config(_ALLOW)
+class IdentityLinkRefused(TypedDict):
+    """A link that would pass the per-identifier-type limit was refused (no merge happened)."""
+
+    identifier_type: Annotated[str, Field(max_length=50)]
+    limit: Annotated[int, Field(ge=0)]
+    other_customer_id: NotRequired[CustomerId]
+
+
+@with_config(_ALLOW)
 class CustomerForgotten(TypedDict):
     """Written by ``ledger forget``: the data key was destroyed (crypto-shredding)."""
 
@@ -280,6 +320,11 @@ EVENT_TYPES: dict[str, tuple[str, type]] = {
     "ticket_resolved": ("support", TicketResolved),
     "consent_changed": ("system", ConsentChanged),
     "customer_forgotten": ("system", CustomerForgotten),
+    "web_event": ("web", WebEvent),
+    "email_delivered": ("email", EmailDelivered),
+    "identity_linked": ("system", IdentityLinked),
+    "customers_merged": ("system", CustomersMerged),
+    "identity_link_refused": ("system", IdentityLinkRefused),
 }
 CHANNEL_OF: dict[str, str] = {t: c for t, (c, _) in EVENT_TYPES.items()}
 #: Per type, the payload fields that are personal data (free text a person wrote or said).
@@ -290,6 +335,8 @@ PERSONAL_FIELDS: dict[str, frozenset[str]] = {t: frozenset() for t in EVENT_TYPE
     "social_mention": frozenset({"text"}),
     "order_refunded": frozenset({"reason"}),
     "ticket_opened": frozenset({"subject"}),
+    "web_event": frozenset({"properties"}),
+    "identity_linked": frozenset({"traits"}),
 }
 #: Envelope field names; anything else at the top level is an unknown field.
 ENVELOPE_FIELDS = frozenset(
