@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from ledger.cli import core, distributed, generate, projections
+from ledger.cli import collector, core, distributed, generate, projections
 from ledger.cli.output import err_console
 from ledger.ledger import LedgerError
 
@@ -24,7 +24,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for module in (core, generate, projections, distributed):
+for module in (core, generate, projections, distributed, collector):
     module.register(app)
 
 

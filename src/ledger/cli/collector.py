@@ -1,0 +1,84 @@
+"""HTTP intake commands: write keys (``sources``), the collector (``serve``), ``identities``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ledger.cli.output import console, err_console
+from ledger.collector.auth import KEY_CHANNELS, SourceRegistry
+from ledger.collector.db import CollectorDB
+from ledger.settings import Settings
+
+sources_app = typer.Typer(
+    help="Write keys for the HTTP collector: one per source, bound to its channels.",
+    no_args_is_help=True,
+)
+
+
+def _registry() -> tuple[CollectorDB, SourceRegistry]:
+    db = CollectorDB(Settings())
+    return db, SourceRegistry(db)
+
+
+@sources_app.command("add")
+def sources_add(
+    name: Annotated[str, typer.Argument(help="The source name, stored as each event's source.")],
+    channel: Annotated[
+        list[str],
+        typer.Option(
+            "--channel",
+            "-c",
+            help=f"A channel this key may write ({', '.join(KEY_CHANNELS)}); repeatable.",
+        ),
+    ],
+) -> None:
+    """Register a source and print its write key (shown once; only its hash is stored)."""
+    db, registry = _registry()
+    try:
+        source, key = registry.add(name, channel)
+    finally:
+        db.close()
+    err_console.print(
+        f"source [bold]{source.name}[/] may write {', '.join(source.channels)}; its write key "
+        "(shown once, stored hashed):",
+        highlight=False,
+    )
+    # The key alone on stdout, so `KEY=$(ledger sources add ...)` works.
+    print(key)
+
+
+@sources_app.command("list")
+def sources_list() -> None:
+    """The registered sources, their channels and whether their key still works."""
+    db, registry = _registry()
+    try:
+        sources = registry.list()
+    finally:
+        db.close()
+    table = Table("source", "channels", "key", "created", "status")
+    for s in sources:
+        status = "active" if s.active else f"revoked {s.revoked_at}"
+        table.add_row(s.name, ", ".join(s.channels), s.key_prefix + "…", s.created_at, status)
+    console.print(table)
+    if not sources:
+        err_console.print("no sources yet: add one with `ledger sources add NAME --channel web`")
+
+
+@sources_app.command("revoke")
+def sources_revoke(
+    name: Annotated[str, typer.Argument(help="The source whose key stops working.")],
+) -> None:
+    """Revoke a source's write key (a running collector refuses it within a second)."""
+    db, registry = _registry()
+    try:
+        source = registry.revoke(name)
+    finally:
+        db.close()
+    console.print(f"source {source.name}: key {source.key_prefix}… revoked at {source.revoked_at}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(sources_app, name="sources")

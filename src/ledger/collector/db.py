@@ -1,0 +1,91 @@
+"""The collector's own tables, in the ledger's database but never in its event tables.
+
+Write keys and the identity graph live beside the ledger (the same SQLite file,
+or the same PostgreSQL database) so one backup holds everything, yet the
+ledger's tables stay exactly what the core owns. SQL here is the subset both
+databases accept; ``?`` placeholders are rewritten for psycopg.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from ledger.ledger import LedgerError
+from ledger.settings import Settings
+
+
+class CollectorDB:
+    """One connection to the ledger's database, safe to share between threads (a lock)."""
+
+    def __init__(self, settings: Settings):
+        self._lock = threading.RLock()
+        self.postgres = bool(settings.store_url)
+        self._conn: Any
+        try:
+            if settings.store_url:
+                import psycopg
+
+                self._conn = psycopg.connect(settings.store_url, autocommit=True)
+                self.location = settings.store_url.rsplit("@", 1)[-1]
+            else:
+                settings.home.mkdir(parents=True, exist_ok=True)
+                self._conn = sqlite3.connect(
+                    settings.sqlite_path,
+                    timeout=60,
+                    isolation_level=None,  # explicit BEGIN/COMMIT below
+                    check_same_thread=False,
+                )
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=FULL")
+                self.location = str(settings.sqlite_path)
+        except Exception as exc:  # sqlite3.Error / psycopg.Error: say where, not a traceback
+            raise LedgerError(f"cannot open the collector tables: {exc}") from None
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.postgres else sql
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            cur = self._conn.execute(self._sql(sql), tuple(params))
+            rows = cur.fetchall() if cur.description else []
+            return [tuple(r) for r in rows]
+
+    @contextmanager
+    def transaction(self) -> Iterator[CollectorDB]:
+        """A write transaction; on SQLite it takes the writer lock at once (BEGIN IMMEDIATE)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE" if not self.postgres else "BEGIN")
+            try:
+                yield self
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._lock:
+            cur = self._conn.execute(self._sql(sql), tuple(params))
+            return int(cur.rowcount or 0)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if not rows:
+            return
+        with self._lock:
+            if self.postgres:
+                with self._conn.cursor() as cur:
+                    cur.executemany(self._sql(sql), [tuple(r) for r in rows])
+            else:
+                self._conn.executemany(sql, [tuple(r) for r in rows])
+
+    def create(self, statements: Sequence[str]) -> None:
+        with self.transaction():
+            for statement in statements:
+                self.execute(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
