@@ -88,6 +88,20 @@ def worker_ingest(
     module.run_worker(module.create_app(settings), loglevel=loglevel)
 
 
+def worker_project() -> None:
+    """Follow the ledger into the projections (DuckDB in LEDGER_HOME) and publish every
+    lifecycle transition to LEDGER_TOPIC_LIFECYCLE (key customer_id, JSON per
+    schemas/topics/lifecycle_change.schema.json). Run one per projections directory."""
+    settings = Settings()
+    if not settings.kafka:
+        fail("LEDGER_KAFKA is not set: expected the Kafka bootstrap servers, e.g. 127.0.0.1:9092")
+    module = _streams_module("project")
+    try:
+        module.run_until_signalled(settings)
+    except LedgerError as exc:
+        fail(str(exc))
+
+
 def publish(
     file: Annotated[str, typer.Argument(help="JSONL or CSV file; '-' reads standard input.")],
     fmt: Annotated[
@@ -165,6 +179,7 @@ def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
     topics_app.command("create")(topics_create)
     worker_app.command("ingest")(worker_ingest)
+    worker_app.command("project")(worker_project)
     app.add_typer(topics_app, name="topics")
     app.add_typer(worker_app, name="worker")
     app.command("publish")(publish)
