@@ -209,4 +209,5 @@ def run_until_signalled(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(process)d] %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
     run(settings, stop)
