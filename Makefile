@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Only directories that exist in this checkout (examples/ may be absent).
+LINT_PATHS := $(wildcard src tests bench streams examples)
 
 .PHONY: demo test lint typecheck check bench clean schemas
 
@@ -18,8 +20,8 @@ demo: $(STAMP)
 	LEDGER_HOME=$${LEDGER_HOME:-.ledger-demo} ./scripts/demo.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench streams examples
-	$(BIN)/ruff format --check src tests bench streams examples
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 
 test: $(STAMP) lint
