@@ -150,3 +150,39 @@ def test_projection_worker_killed_and_restarted_publishes_every_transition(
         finally:
             worker_db.close()
             rebuilt_db.close()
+
+
+@pytest.mark.kafka
+def test_example_subscriber_handles_each_change_once_in_order(kafka_settings: Settings) -> None:
+    import datetime as dt
+    import importlib.util
+
+    from streams.project import LifecycleTopic
+
+    from ledger.projection.subscribe import LifecycleChange
+
+    spec = importlib.util.spec_from_file_location("subscriber", ROOT / "examples/subscriber.py")
+    assert spec and spec.loader
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    create_topics(kafka_settings)
+    when = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+    stages = [(None, "subscriber"), ("subscriber", "lead"), ("lead", "customer")]
+    changes = [
+        LifecycleChange(seq, f"c-{seq}", "cus_00001", old, new, f"e-{seq}", seq, when, seq)
+        for seq, (old, new) in enumerate(stages, start=1)
+    ]
+    topic = LifecycleTopic(kafka_settings)
+    try:
+        # A re-send after a crash: the first two again, then the third.
+        topic.send(changes[:2])
+        topic.send(changes)
+    finally:
+        topic.close()
+    handled: list[dict[str, Any]] = []
+    count = example.subscribe(
+        kafka_settings, f"example-{kafka_settings.consumer_group}", handled.append, max_messages=3
+    )
+    assert count == 3
+    assert [(c["from_stage"], c["to_stage"]) for c in handled] == stages
