@@ -80,5 +80,34 @@ def sources_revoke(
     console.print(f"source {source.name}: key {source.key_prefix}… revoked at {source.revoked_at}")
 
 
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8080,
+    access_log: Annotated[
+        bool, typer.Option(help="Log each request (client addresses are personal data).")
+    ] = False,
+) -> None:
+    """Run the HTTP collector: Segment-compatible /v1/* and provider webhooks, into the ledger."""
+    import uvicorn
+
+    from ledger.collector.app import create_app
+
+    settings = Settings()
+    app = create_app(settings)
+    where = "PostgreSQL" if settings.store_url else str(settings.sqlite_path)
+    err_console.print(f"collector on http://{host}:{port} into {where}", highlight=False)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=access_log,
+        lifespan="on",
+        timeout_graceful_shutdown=30,
+    )
+    uvicorn.Server(config).run()
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(sources_app, name="sources")
+    app.command()(serve)
