@@ -19,16 +19,10 @@ access log is off unless asked for.
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import contextlib
 import datetime as dt
 import logging
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
 import orjson
 from starlette.applications import Starlette
@@ -36,169 +30,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ledger.collector import segment
-from ledger.collector.auth import Source, SourceRegistry
+from ledger.collector import segment, webhooks
+from ledger.collector.auth import SourceRegistry
 from ledger.collector.db import CollectorDB
 from ledger.collector.identity import DirectResolver, Pseudonyms, identity_key
-from ledger.collector.intake import Intake, Outcome, Problem
+from ledger.collector.intake import Intake, Problem
 from ledger.collector.touch import MappingError, Touch
+from ledger.collector.wire import (
+    MAX_BATCH_BYTES,
+    Collector,
+    Refusal,
+    collector_of,
+    guarded,
+)
 from ledger.contract import MAX_EVENT_BYTES
 from ledger.deadletter import DeadLetters
 from ledger.ledger import Ledger
 from ledger.settings import Settings
 
-MAX_BATCH_BYTES = 500 * 1024
 log = logging.getLogger("ledger.collector")
-
-
-class Refusal(Exception):
-    """A request answered with an error status and a sentence."""
-
-    def __init__(self, status: int, code: str, message: str):
-        self.status, self.code, self.message = status, code, message
-        super().__init__(message)
-
-
-def refusal_response(exc: Refusal) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Basic realm="ledger"'} if exc.status == 401 else None
-    return JSONResponse(
-        {"success": False, "code": exc.code, "message": exc.message}, exc.status, headers
-    )
-
-
-@dataclass
-class Collector:
-    """What the routes share: the key registry and the single writer."""
-
-    settings: Settings
-    registry: SourceRegistry
-    intake: Intake
-
-    async def body(self, request: Request, limit: int) -> bytes:
-        """The request body, refused past ``limit`` bytes (before and after gunzip)."""
-        what = "batch" if limit == MAX_BATCH_BYTES else "event"
-        too_big = Refusal(
-            400, "too_large", f"request body: the {what} is over the limit of {limit // 1024} KB"
-        )
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_big
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
-        data = b"".join(chunks)
-        if request.headers.get("content-encoding", "").lower() == "gzip":
-            inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            try:
-                data = inflate.decompress(data, limit + 1)
-            except zlib.error as exc:
-                raise Refusal(
-                    400, "bad_encoding", f"request body: not valid gzip ({exc})"
-                ) from None
-            if len(data) > limit or inflate.unconsumed_tail:
-                raise too_big
-        return data
-
-    @staticmethod
-    def parse(data: bytes) -> Any:
-        if not data.strip():
-            raise Refusal(400, "invalid_json", "request body: empty; expected a JSON object")
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise Refusal(400, "invalid_json", f"request body: not valid JSON ({exc})") from None
-
-    def key_source(self, key: str) -> Source:
-        source = self.registry.check(key)
-        if source is None:
-            raise Refusal(401, "unauthorized", "the write key is unknown or revoked")
-        return source
-
-    def header_source(self, request: Request) -> Source | None:
-        """The source of the basic-auth write key, checked before the body is read."""
-        header = request.headers.get("authorization", "")
-        if not header:
-            return None
-        if header[:6].lower() != "basic ":
-            raise Refusal(401, "unauthorized", "Authorization: expected Basic with the write key")
-        try:
-            key = base64.b64decode(header[6:].strip(), validate=True).decode().split(":")[0]
-        except (binascii.Error, UnicodeDecodeError):
-            raise Refusal(
-                401, "unauthorized", "Authorization: not valid basic-auth credentials"
-            ) from None
-        return self.key_source(key)
-
-    def body_source(self, source: Source | None, body: Any) -> Source:
-        """Segment also accepts the key as ``writeKey`` in the body."""
-        if source is not None:
-            return source
-        if isinstance(body, dict) and isinstance(body.get("writeKey"), str) and body["writeKey"]:
-            return self.key_source(body["writeKey"])
-        raise Refusal(
-            401,
-            "unauthorized",
-            "no write key: send it as the basic-auth user name (Segment's convention)",
-        )
-
-    async def store(
-        self, source: Source, touches: list[tuple[int, Touch]], problems: list[Problem]
-    ) -> JSONResponse:
-        """Check channels, append through the writer, answer after the commit."""
-        for index, touch in touches:
-            channel = touch.event["channel"]
-            # System events (identity links, consent) are derived by the collector's own
-            # mappings from what the source may send, so any key may carry them.
-            if channel != "system" and channel not in source.channels:
-                raise Refusal(
-                    403,
-                    "forbidden",
-                    f"message {index}: source {source.name!r} may write "
-                    f"{', '.join(source.channels)}, not {channel!r} events "
-                    f"({touch.event['type']})",
-                )
-        future = self.intake.submit(source.name, touches, problems)
-        try:
-            outcome: Outcome = await asyncio.wrap_future(future)
-        except Exception as exc:
-            log.error("append failed for source %s: %s", source.name, type(exc).__name__)
-            raise Refusal(
-                503, "unavailable", f"the ledger could not store the events ({exc}); retry"
-            ) from None
-        return JSONResponse(
-            {
-                "success": True,
-                "stored": outcome.stored,
-                "rejected": [
-                    {"index": p.index, "event_id": p.message_id, "problems": p.problems}
-                    for p in outcome.rejected
-                ],
-            }
-        )
-
-
-def _collector(request: Request) -> Collector:
-    collector: Collector = request.app.state.collector
-    return collector
-
-
-def guarded(
-    handler: Callable[[Request], Awaitable[Response]],
-) -> Callable[[Request], Awaitable[Response]]:
-    """Turn refusals into their answers; anything unexpected into a 500 without details."""
-
-    async def endpoint(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except Refusal as exc:
-            return refusal_response(exc)
-
-    endpoint.__name__ = handler.__name__
-    return endpoint
 
 
 # --------------------------------------------------------------------------- Segment routes
@@ -206,7 +56,7 @@ def guarded(
 
 def _segment_call(call: str) -> Callable[[Request], Awaitable[Response]]:
     async def single(request: Request) -> Response:
-        collector = _collector(request)
+        collector = collector_of(request)
         received = dt.datetime.now(dt.UTC)
         source = collector.header_source(request)
         data = await collector.body(request, MAX_EVENT_BYTES)
@@ -227,7 +77,7 @@ def _segment_call(call: str) -> Callable[[Request], Awaitable[Response]]:
 
 @guarded
 async def segment_batch(request: Request) -> Response:
-    collector = _collector(request)
+    collector = collector_of(request)
     received = dt.datetime.now(dt.UTC)
     source = collector.header_source(request)
     data = await collector.body(request, MAX_BATCH_BYTES)
@@ -269,7 +119,7 @@ def routes() -> list[Route]:
     out = [Route("/health", health, methods=["GET"])]
     out += [Route(f"/v1/{call}", _segment_call(call), methods=["POST"]) for call in segment.CALLS]
     out.append(Route("/v1/batch", segment_batch, methods=["POST"]))
-    return out
+    return out + webhooks.routes()
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
