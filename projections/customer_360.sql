@@ -1,6 +1,8 @@
 -- customer_360: one row per customer. `customer_facts` is recomputed from `events` for the
 -- customers a batch touched (the `affected` temp table), so late events land correctly;
--- the `customer_360` view adds identifiers, lifecycle, RFM and churn risk.
+-- `customer_360_source` adds identifiers, lifecycle, RFM and churn risk, and the
+-- `customer_360` table holds its rows (refreshed for the affected customers each batch,
+-- and for everyone when RFM and churn risk are recomputed), so a lookup is one row read.
 
 -- name: refresh
 DELETE FROM customer_facts WHERE customer_id IN (SELECT customer_id FROM affected);
@@ -76,8 +78,9 @@ FROM mine m
 LEFT JOIN tickets t ON t.customer_id = m.customer_id
 GROUP BY m.customer_id;
 
--- name: view
-CREATE OR REPLACE VIEW customer_360 AS
+-- name: source
+-- The joins that make a customer_360 row (a view the runner reads from).
+CREATE OR REPLACE VIEW customer_360_source AS
 SELECT
     f.customer_id,
     i.email, i.phone, i.name, i.user_id, i.anonymous_id, i.social_handle,
@@ -110,3 +113,16 @@ LEFT JOIN (
 LEFT JOIN lifecycle l ON l.customer_id = f.customer_id
 LEFT JOIN rfm r ON r.customer_id = f.customer_id
 LEFT JOIN churn_risk c ON c.customer_id = f.customer_id;
+
+-- name: table
+CREATE TABLE IF NOT EXISTS customer_360 AS SELECT * FROM customer_360_source WITH NO DATA;
+
+-- name: refresh_affected
+DELETE FROM customer_360 WHERE customer_id IN (SELECT customer_id FROM affected);
+INSERT INTO customer_360
+SELECT * FROM customer_360_source WHERE customer_id IN (SELECT customer_id FROM affected);
+
+-- name: refresh_all
+-- After rfm / churn_risk are recomputed every row's scores may change.
+DELETE FROM customer_360;
+INSERT INTO customer_360 SELECT * FROM customer_360_source;

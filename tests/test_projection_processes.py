@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from fixtures.projection_data import assert_same_tables, generated, project
-from ledger.ledger import Ledger
-from ledger.projection import snapshot
+from ledger.ledger import Ledger, LedgerError
+from ledger.projection import serve, snapshot
+from ledger.projection.query import query
 from ledger.settings import Settings
 
 KILL_SEED = 20260301
@@ -127,7 +129,7 @@ def test_query_and_subscribe_while_follow_writes(sqlite_settings: Settings, tmp_
             while writer.is_alive() or checks < 5:
                 # A snapshot holds whole batches: the per-customer counts add up to the
                 # position, and the change stream to the recorded count, at every read.
-                got = snapshot.query(
+                got = query(
                     "SELECT (SELECT position FROM projection_state) AS position, "
                     "(SELECT coalesce(sum(events), 0) FROM customer_360) AS counted, "
                     "(SELECT changes FROM projection_state) AS changes, "
@@ -137,9 +139,21 @@ def test_query_and_subscribe_while_follow_writes(sqlite_settings: Settings, tmp_
                 assert got["position"] == got["counted"], got
                 assert got["changes"] == got["streamed"], got
                 positions.append(got["position"])
+                # The published snapshot file (what export and Python readers open)
+                # holds whole batches as well.
+                with snapshot.connect(sqlite_settings) as con:
+                    position, counted = con.execute(
+                        "SELECT (SELECT position FROM projection_state), "
+                        "(SELECT coalesce(sum(events), 0) FROM customer_360)"
+                    ).fetchall()[0]
+                    assert position == counted
                 checks += 1
                 time.sleep(0.02)
             writer.join()
+            # Through the runner's socket nothing can be changed.
+            with pytest.raises(LedgerError, match="read-only"):
+                query("DELETE FROM customer_360", sqlite_settings)
+            assert serve.socket_path(sqlite_settings).exists()
             cli = subprocess.run(
                 _ledger_cmd("query", "SELECT position FROM projection_state", "--format", "json"),
                 env=env,
@@ -150,7 +164,7 @@ def test_query_and_subscribe_while_follow_writes(sqlite_settings: Settings, tmp_
             assert cli.returncode == 0, cli.stderr
             assert json.loads(cli.stdout)[0]["position"] <= len(lines)
             while True:
-                got = snapshot.query("SELECT position FROM projection_state", sqlite_settings)
+                got = query("SELECT position FROM projection_state", sqlite_settings)
                 if got.to_pylist()[0]["position"] == len(lines):
                     break
                 assert time.monotonic() < deadline + 60, "the follower did not catch up"
@@ -164,6 +178,7 @@ def test_query_and_subscribe_while_follow_writes(sqlite_settings: Settings, tmp_
             out, err = follower.communicate(timeout=60)
             sub_out, sub_err = subscriber.communicate(timeout=60)
         assert follower.returncode == 0, err
+        assert not serve.socket_path(sqlite_settings).exists(), "the socket outlived its runner"
         assert subscriber.returncode == 0, sub_err
         assert "projections at position 3,000" in out
         changes = [json.loads(line) for line in sub_out.splitlines()]

@@ -23,6 +23,7 @@ from ledger.cli.core import parse_moment
 from ledger.cli.output import EXIT_USAGE, console, err_console, fail, progress
 from ledger.ledger import Ledger, LedgerError
 from ledger.projection import snapshot
+from ledger.projection.query import query as run_query
 from ledger.projection.runner import ProjectionRunner
 from ledger.projection.subscribe import subscribe as subscribe_changes
 from ledger.settings import Settings
@@ -170,10 +171,10 @@ def query(
         Path | None, typer.Option("--output", "-o", help="Write to FILE instead of stdout.")
     ] = None,
 ) -> None:
-    """Query the latest published projections (works while `ledger project --follow` runs)."""
+    """Query the projections (read-only), also while `ledger project --follow` runs."""
     if fmt not in FORMATS:
         fail(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}", EXIT_USAGE)
-    result = snapshot.query(sql, Settings())
+    result = run_query(sql, Settings())
     _write(result, fmt, output)
 
 

@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidTag
 from ledger import keyring as kr
 from ledger.chain import unseal
 from ledger.ledger import Ledger, LedgerError
-from ledger.projection import churn, lifecycle, snapshot
+from ledger.projection import churn, lifecycle, serve, snapshot
 from ledger.projection.definitions import sql
 from ledger.projection.rfm import segment_table
 from ledger.settings import Settings
@@ -54,14 +54,16 @@ class ProjectionRunner:
         path: Path,
         *,
         snapshot_to: Path | None = None,
+        serve_at: Path | None = None,
         batch_size: int = 50_000,
-        snapshot_interval: float = 0.5,
+        snapshot_interval: float = 2.0,
         derive_interval: float = 5.0,
         memory_limit: str = "1GB",
     ):
         self.ledger = ledger
         self.path = Path(path)
         self.snapshot_to = snapshot_to
+        self.serve_at = serve_at
         self.batch_size = batch_size
         self.snapshot_interval = snapshot_interval
         self.derive_interval = derive_interval
@@ -80,7 +82,14 @@ class ProjectionRunner:
             self.con.register("segments_in", segment_table())
             _x(self.con, "INSERT INTO rfm_segments SELECT * FROM segments_in")
             self.con.unregister("segments_in")
-        _x(self.con, sql("customer_360", "view"))
+        if _x(
+            self.con,
+            "SELECT count(*) FROM information_schema.tables "
+            "WHERE table_name = 'customer_360' AND table_type = 'VIEW'",
+        ) == [(1,)]:
+            _x(self.con, "DROP VIEW customer_360")  # files from before it was a table
+        _x(self.con, sql("customer_360", "source"))
+        _x(self.con, sql("customer_360", "table"))
         self._threads = int(_x(self.con, "SELECT current_setting('threads')")[0][0])
         self._threads_now = self._threads
         self._published_at = 0.0
@@ -95,6 +104,7 @@ class ProjectionRunner:
             ledger,
             settings.projections_path,
             snapshot_to=snapshot.snapshot_path(settings),
+            serve_at=serve.socket_path(settings),
             **options,
         )
 
@@ -185,6 +195,7 @@ class ProjectionRunner:
             _x(con, sql("customer_360", "refresh"))
             _x(con, sql("customer_360", "insert"))
             changes = self._lifecycle(after)
+            _x(con, sql("customer_360", "refresh_affected"))
             _x(
                 con,
                 "UPDATE projection_state SET position = ?, changes = ?",
@@ -347,6 +358,7 @@ class ProjectionRunner:
             if as_of is not None:
                 _x(con, sql("rfm", "compute"), {"as_of": as_of})
                 self._churn(as_of, position)
+            _x(con, sql("customer_360", "refresh_all"))
             _x(con, "UPDATE projection_state SET derived_position = position, as_of = ?", [as_of])
             _x(con, "COMMIT")
         except BaseException:
@@ -483,21 +495,33 @@ class ProjectionRunner:
         self,
         stop: threading.Event,
         *,
-        poll_interval: float = 0.1,
+        poll_interval: float = 0.05,
         on_progress: ProgressFn | None = None,
     ) -> None:
-        """Keep applying new events until ``stop`` is set (always between transactions)."""
-        if self.snapshot_to is not None and not self.snapshot_to.exists():
-            self.publish()
-        while not stop.is_set():
-            applied = self.catch_up(on_progress=on_progress, stop=stop)
-            now = time.monotonic()
-            if now - self._derived_at >= self.derive_interval:
-                self.refresh_derived()
+        """Keep applying new events until ``stop`` is set (always between transactions).
+
+        Meanwhile other processes query through the socket (``serve_at``), which sees
+        each batch as soon as it commits; snapshots are published at most every
+        ``snapshot_interval`` seconds for readers of the file.
+        """
+        server = serve.QueryServer(self.con, self.serve_at) if self.serve_at else None
+        try:
+            if self.snapshot_to is not None and not self.snapshot_to.exists():
+                self.publish()
+            while not stop.is_set():
+                applied = self.catch_up(on_progress=on_progress, stop=stop)
+                now = time.monotonic()
+                if now - self._derived_at >= self.derive_interval:
+                    self.refresh_derived()
+                if self._dirty and now - self._published_at >= self.snapshot_interval:
+                    self.publish()
+                if not applied:
+                    stop.wait(poll_interval)
             if self._dirty:
                 self.publish()
-            if not applied:
-                stop.wait(poll_interval)
+        finally:
+            if server is not None:
+                server.close()
 
 
 def _floats(values: list[float | None]) -> pa.Array:

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 
 from ledger.ledger import LedgerError
 from ledger.settings import Settings
@@ -81,14 +80,3 @@ def connect(settings: Settings | None = None) -> Iterator[duckdb.DuckDBPyConnect
         yield con
     finally:
         con.close()
-
-
-def query(sql: str, settings: Settings | None = None) -> pa.Table:
-    """Run ``sql`` against the latest snapshot and return an Arrow table."""
-    with connect(settings) as con:
-        try:
-            result = con.sql(sql)
-            # Statements without a result set (SET, PRAGMA ...) give an empty table.
-            return pa.table({}) if result is None else result.to_arrow_table()
-        except duckdb.Error as exc:
-            raise LedgerError(f"the query failed: {exc}") from None

@@ -19,12 +19,12 @@ from typing import Any
 import duckdb
 
 from ledger.ledger import LedgerError
-from ledger.projection import snapshot
+from ledger.projection.query import query
 from ledger.settings import Settings
 
 _COLUMNS = (
-    "seq, CAST(change_id AS VARCHAR), customer_id, from_stage, to_stage, "
-    "CAST(event_id AS VARCHAR), event_position, occurred_at, ledger_position"
+    "seq, CAST(change_id AS VARCHAR) AS change_id, customer_id, from_stage, to_stage, "
+    "CAST(event_id AS VARCHAR) AS event_id, event_position, occurred_at, ledger_position"
 )
 
 
@@ -83,23 +83,33 @@ def subscribe(
     *,
     follow: bool = True,
     poll_interval: float = 0.25,
+    page: int = 1_000,
     stop: threading.Event | None = None,
 ) -> Iterator[LifecycleChange]:
-    """Changes after ``after`` from the published snapshots; with ``follow``, wait for more.
+    """Changes after ``after``, from any process; with ``follow``, wait for more.
 
-    Runs in any process alongside ``ledger project --follow``; each poll opens the
-    newest snapshot, so it sees whole batches only.
+    Runs alongside ``ledger project --follow``: it asks the runner (or reads the last
+    snapshot when none is following), so it sees whole batches only.
     """
     stop = stop or threading.Event()
     while not stop.is_set():
         try:
-            with snapshot.connect(settings) as con:
-                for change in iter_changes(con, after):
-                    yield change
-                    after = change.seq
+            table = query(
+                f"SELECT {_COLUMNS} FROM lifecycle_changes WHERE seq > {int(after)} "
+                f"ORDER BY seq LIMIT {int(page)}",
+                settings,
+            )
         except LedgerError:
             if not follow:
                 raise
+            stop.wait(poll_interval)
+            continue
+        found = [LifecycleChange(*row.values()) for row in table.to_pylist()]
+        for change in found:
+            yield change
+            after = change.seq
+        if len(found) == page:
+            continue
         if not follow:
             return
         stop.wait(poll_interval)

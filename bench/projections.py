@@ -1,0 +1,444 @@
+"""Projection benchmark: rebuild, SQL vs pandas, follow-mode freshness, 360 lookups.
+
+    .venv/bin/python bench/projections.py --events 1000000 --customers 100000
+
+Each figure is printed with its baseline, measured in the same run:
+
+* rebuild    - ``ledger project --rebuild`` in a subprocess (events/s, peak RSS from the
+               kernel's rusage) beside (a) reading the log alone (``Ledger.read_raw``,
+               the ceiling for anything fed by the ledger) and (b) a naive replay:
+               ``Ledger.read`` decoded per event in Python -> Arrow -> DuckDB, no projection;
+* sql/pandas - customer 360 and RFM over the same events, the projections' SQL
+               (``projections/customer_360.sql``, ``projections/rfm.sql``) in an in-memory
+               DuckDB vs the way an analyst would do it in pandas (groupby, crosstab, rank/qcut);
+* freshness  - ``ledger project --follow`` in a subprocess while this process appends
+               ``--rate`` events/s: append committed -> visible in the published snapshot
+               (what ``ledger query`` reads), p50/p99; on a copy of the data set;
+* lookup     - one customer's 360 row from the snapshot, p50/p99 over 1,000 random
+               customers, beside the same lookup through the live database's view and
+               a pandas ``.loc`` on an indexed frame.
+
+The ledger is generated once into ``--home`` (not timed) and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ledger.generate import generate_events
+from ledger.ledger import Ledger
+from ledger.projection import snapshot
+from ledger.projection.definitions import sql
+from ledger.projection.rfm import segment_table
+from ledger.settings import Settings
+
+MASTER_KEY = "c" * 64
+
+
+def settings_for(home: Path) -> Settings:
+    return Settings(home=home, master_key=MASTER_KEY)
+
+
+def env_for(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(LEDGER_HOME=str(home), LEDGER_MASTER_KEY=MASTER_KEY)
+    env.pop("LEDGER_STORE_URL", None)
+    return env
+
+
+def ledger_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ledger", *args]
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def setup(home: Path, events: int, customers: int, seed: int) -> None:
+    s = settings_for(home)
+    with Ledger.open(s) as ledger:
+        have = ledger.position
+    if have >= events:
+        print(f"# reusing {home}: {have:,} events", flush=True)
+        return
+    if have:
+        raise SystemExit(f"{home} holds {have:,} events, not {events:,}: use another --home")
+    print(f"# generating {events:,} events for {customers:,} customers into {home}", flush=True)
+    began = time.perf_counter()
+    with Ledger.open(s) as ledger:
+        batch: list[bytes] = []
+        for line in generate_events(customers, events, seed):
+            batch.append(line)
+            if len(batch) == 20_000:
+                ledger.append(batch)
+                batch = []
+        if batch:
+            ledger.append(batch)
+    print(f"# generated and appended in {time.perf_counter() - began:,.0f} s", flush=True)
+
+
+def bench_rebuild(home: Path, events: int) -> dict[str, Any]:
+    proc = subprocess.Popen(
+        ledger_cmd("project", "--rebuild", "--batch-size", "100000"),
+        env=env_for(home),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    began = time.perf_counter()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - began
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"ledger project --rebuild failed: {proc.stderr.read().decode()}")
+    rebuild = {"seconds": seconds, "rate": events / seconds, "peak_mb": usage.ru_maxrss / 1024}
+
+    sample = min(events, 200_000)
+    with Ledger.open(settings_for(home)) as ledger:
+        began = time.perf_counter()
+        after = 0
+        while after < sample:
+            rows = ledger.read_raw(after, 10_000)
+            if not rows:
+                break
+            after = rows[-1].position
+        read_rate = after / (time.perf_counter() - began)
+
+        con = duckdb.connect()
+        began = time.perf_counter()
+        after = 0
+        created = False
+        while after < sample:
+            batch = ledger.read(after, 10_000)
+            if not batch:
+                break
+            decoded = pa.Table.from_pylist(
+                [
+                    {
+                        "position": e.position,
+                        "customer_id": e.customer_id,
+                        "type": e.type,
+                        "channel": e.channel,
+                        "occurred_at": e.occurred_at,
+                        "amount": (e.payload.get("total") or {}).get("amount"),
+                    }
+                    for e in batch
+                ]
+            )
+            con.register("decoded", decoded)
+            if created:
+                con.execute("INSERT INTO naive SELECT * FROM decoded")
+            else:
+                con.execute("CREATE TABLE naive AS SELECT * FROM decoded")
+                created = True
+            after = batch[-1].position
+        naive_rate = after / (time.perf_counter() - began)
+        con.close()
+    return {**rebuild, "read_rate": read_rate, "naive_rate": naive_rate, "sample": sample}
+
+
+def pandas_360(df: pd.DataFrame) -> pd.DataFrame:
+    g = df.groupby("customer_id")
+    base = g.agg(
+        first_seen=("occurred_at", "min"),
+        last_seen=("occurred_at", "max"),
+        events=("position", "size"),
+    )
+    by_channel = pd.crosstab(df["customer_id"], df["channel"]).add_suffix("_events")
+    by_type = pd.crosstab(df["customer_id"], df["type"])
+    orders = df[df["type"] == "order_placed"]
+    refunds = df[df["type"] == "order_refunded"]
+    money = pd.DataFrame(
+        {
+            "orders": orders.groupby("customer_id")["order_id"].nunique(),
+            "revenue": orders.groupby("customer_id")["amount"].sum(),
+            "refunds": refunds.groupby("customer_id")["amount"].sum(),
+            "first_order_at": orders.groupby("customer_id")["occurred_at"].min(),
+            "last_order_at": orders.groupby("customer_id")["occurred_at"].max(),
+        }
+    )
+    contact = df[df["channel"].isin(["web", "email", "chat", "call", "social"])]
+    contact = contact.sort_values(["occurred_at", "position"])
+    last_contact = contact.groupby("customer_id").agg(
+        last_contact_at=("occurred_at", "last"), last_contact_channel=("channel", "last")
+    )
+    tickets = df[df["type"].isin(["ticket_opened", "ticket_resolved"])]
+    state = pd.crosstab([tickets["customer_id"], tickets["ticket_id"]], tickets["type"])
+    open_ = state[(state.get("ticket_opened", 0) > 0) & (state.get("ticket_resolved", 0) == 0)]
+    open_tickets = open_.groupby(level=0).size().rename("open_tickets")
+    consent = df[df["type"] == "consent_changed"].sort_values(["occurred_at", "position"])
+    consent_state = consent.groupby(["customer_id", "purpose"])["status"].last().unstack()
+    out = (
+        base.join(by_channel)
+        .join(by_type)
+        .join(money)
+        .join(last_contact)
+        .join(open_tickets)
+        .join(consent_state.add_prefix("consent_"))
+    )
+    out["revenue"] = out["revenue"].fillna(0)
+    out["refunds"] = out["refunds"].fillna(0)
+    out["net_revenue"] = out["revenue"] - out["refunds"]
+    out["open_tickets"] = out["open_tickets"].fillna(0)
+    return out
+
+
+def pandas_rfm(df: pd.DataFrame, as_of: pd.Timestamp, segments: pd.DataFrame) -> pd.DataFrame:
+    money = df[df["type"].isin(["order_placed", "order_refunded"]) & (df["occurred_at"] <= as_of)]
+    orders = money[money["type"] == "order_placed"]
+    g = orders.groupby("customer_id")
+    rfm = pd.DataFrame({"last_order_at": g["occurred_at"].max(), "frequency": g.size()})
+    signed = np.where(money["type"] == "order_placed", money["amount"], -money["amount"])
+    rfm["monetary"] = pd.Series(signed, index=money.index).groupby(money["customer_id"]).sum()
+    rfm["recency_days"] = (as_of - rfm["last_order_at"]).dt.total_seconds() / 86400
+    n = len(rfm)
+    # Same scores as the SQL: ties share the lowest rank of their group.
+    rfm["r_score"] = 1 + (
+        5 * (rfm["recency_days"].rank(method="min", ascending=False) - 1) // n
+    ).astype(int)
+    rfm["f_score"] = 1 + (5 * (rfm["frequency"].rank(method="min") - 1) // n).astype(int)
+    rfm["m_score"] = 1 + (5 * (rfm["monetary"].rank(method="min") - 1) // n).astype(int)
+    return rfm.reset_index().merge(segments, on=["r_score", "f_score", "m_score"])
+
+
+def timed(fn: Any, repeat: int = 3) -> tuple[float, Any]:
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        began = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - began)
+    return best, result
+
+
+def bench_sql_vs_pandas(home: Path) -> dict[str, Any]:
+    with duckdb.connect(str(settings_for(home).projections_path), read_only=True) as src:
+        events = src.sql("SELECT * FROM events").to_arrow_table()
+        as_of = src.execute("SELECT as_of FROM projection_state").fetchall()[0][0]
+    mem = duckdb.connect()
+    mem.execute("SET TimeZone = 'UTC'")
+    mem.execute(sql("schema", "schema"))
+    mem.register("events_in", events)
+    mem.execute("INSERT INTO events SELECT * FROM events_in")
+    mem.unregister("events_in")
+    mem.register("segments_in", segment_table())
+    mem.execute("INSERT INTO rfm_segments SELECT * FROM segments_in")
+    mem.execute("CREATE OR REPLACE TEMP TABLE affected AS SELECT DISTINCT customer_id FROM events")
+    # The analyst's frame: the columns the pandas code uses, money as floats.
+    df = mem.sql(
+        "SELECT position, customer_id, type, channel, occurred_at, order_id, "
+        "amount::DOUBLE AS amount, ticket_id, purpose, status FROM events"
+    ).df()
+    del events
+
+    def sql_360() -> int:
+        mem.execute("DELETE FROM customer_facts")
+        mem.execute(sql("customer_360", "insert"))
+        return int(mem.execute("SELECT count(*) FROM customer_facts").fetchall()[0][0])
+
+    def sql_rfm() -> int:
+        mem.execute(sql("rfm", "compute"), {"as_of": as_of})
+        return int(mem.execute("SELECT count(*) FROM rfm").fetchall()[0][0])
+
+    segments = segment_table().to_pandas()[["r_score", "f_score", "m_score", "segment"]]
+    stamp = pd.Timestamp(as_of)
+    t_sql_360, n_sql_360 = timed(sql_360)
+    t_pd_360, pd_360 = timed(lambda: pandas_360(df))
+    t_sql_rfm, n_sql_rfm = timed(sql_rfm)
+    t_pd_rfm, pd_rfm = timed(lambda: pandas_rfm(df, stamp, segments))
+    assert n_sql_360 == len(pd_360), (n_sql_360, len(pd_360))
+    assert n_sql_rfm == len(pd_rfm), (n_sql_rfm, len(pd_rfm))
+    same = mem.execute("SELECT customer_id, segment FROM rfm").df().set_index("customer_id")
+    both = same.join(pd_rfm.set_index("customer_id")["segment"], rsuffix="_pandas")
+    agree = (both["segment"] == both["segment_pandas"]).mean()
+    mem.close()
+    return {
+        "rows": len(df),
+        "sql_360": t_sql_360,
+        "pandas_360": t_pd_360,
+        "sql_rfm": t_sql_rfm,
+        "pandas_rfm": t_pd_rfm,
+        "rfm_agree": float(agree),
+    }
+
+
+def bench_freshness(home: Path, rate: int, seconds: float) -> dict[str, Any]:
+    copy = home.with_name(home.name + "-fresh")
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir(parents=True)
+    for name in ("ledger.db", "projections.duckdb"):
+        shutil.copy2(home / name, copy / name)
+    s = settings_for(copy)
+    follower = subprocess.Popen(
+        ledger_cmd("project", "--follow", "--batch-size", "100000"),
+        env=env_for(copy),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        path = snapshot.snapshot_path(s)
+        deadline = time.monotonic() + 300
+        while not path.exists():
+            if time.monotonic() > deadline or follower.poll() is not None:
+                raise SystemExit("the follower did not publish a snapshot")
+            time.sleep(0.1)
+        committed: list[tuple[int, float]] = []
+        visible: dict[int, float] = {}
+        stop = threading.Event()
+
+        def read() -> None:
+            seen = 0
+            while not stop.is_set() or seen < (committed[-1][0] if committed else 0):
+                got = snapshot.query("SELECT position FROM projection_state", s)
+                now = time.perf_counter()
+                position = int(got.column("position")[0].as_py())
+                if position > seen:
+                    visible[position] = now
+                    seen = position
+                time.sleep(0.01)
+                if stop.is_set() and time.monotonic() > deadline:
+                    return
+
+        lines = generate_events(20_000, int(rate * seconds) + 1_000, seed=99)
+        tick, per_tick = 0.05, max(1, int(rate * 0.05))
+        reader = threading.Thread(target=read)
+        with Ledger.open(s) as ledger:
+            reader.start()
+            began = time.perf_counter()
+            n = 0
+            while time.perf_counter() - began < seconds:
+                batch = [next(lines) for _ in range(per_tick)]
+                result = ledger.append(batch)
+                if result.last_position is not None:
+                    committed.append((result.last_position, time.perf_counter()))
+                n += 1
+                sleep = began + n * tick - time.perf_counter()
+                if sleep > 0:
+                    time.sleep(sleep)
+            achieved = sum(per_tick for _ in committed) / (time.perf_counter() - began)
+        deadline = time.monotonic() + 120
+        stop.set()
+        reader.join()
+    finally:
+        follower.terminate()
+        follower.wait(60)
+    marks = sorted(visible.items())
+    latencies = []
+    for position, at in committed:
+        seen_at = next((t for p, t in marks if p >= position), None)
+        if seen_at is not None:
+            latencies.append(seen_at - at)
+    shutil.rmtree(copy, ignore_errors=True)
+    return {
+        "rate": achieved,
+        "samples": len(latencies),
+        "p50": pct(latencies, 50),
+        "p99": pct(latencies, 99),
+    }
+
+
+def bench_lookup(home: Path, n: int = 1_000) -> dict[str, Any]:
+    s = settings_for(home)
+    rng = random.Random(5)
+    with snapshot.connect(s) as con:
+        ids = [r[0] for r in con.execute("SELECT customer_id FROM customer_360").fetchall()]
+        picks = [rng.choice(ids) for _ in range(n)]
+
+        def run(c: duckdb.DuckDBPyConnection, table: str) -> list[float]:
+            out = []
+            for customer in picks:
+                began = time.perf_counter()
+                rows = c.execute(
+                    f"SELECT * FROM {table} WHERE customer_id = ?", [customer]
+                ).fetchall()
+                out.append(time.perf_counter() - began)
+                assert len(rows) == 1
+            return out
+
+        snap = run(con, "customer_360")
+        frame = con.sql("SELECT * FROM customer_360").df().set_index("customer_id")
+    pandas_times = []
+    for customer in picks:
+        began = time.perf_counter()
+        frame.loc[customer]
+        pandas_times.append(time.perf_counter() - began)
+    with duckdb.connect(str(s.projections_path), read_only=True) as live:
+        view = run(live, "customer_360")
+    return {
+        "customers": len(ids),
+        "snap": (pct(snap, 50), pct(snap, 99)),
+        "view": (pct(view, 50), pct(view, 99)),
+        "pandas": (pct(pandas_times, 50), pct(pandas_times, 99)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--customers", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--home", type=Path, default=None)
+    parser.add_argument("--rate", type=int, default=5_000, help="append rate for freshness")
+    parser.add_argument("--fresh-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["rebuild", "sql", "fresh", "lookup"]
+    )
+    args = parser.parse_args()
+    customers = args.customers or max(1, args.events // 10)
+    home = args.home or Path(f"/tmp/ledger-bench-projections-{args.events}")
+    setup(home, args.events, customers, args.seed)
+    print(f"## {args.events:,} events, {customers:,} customers (`{' '.join(sys.argv)}`)\n")
+    if "rebuild" not in args.skip or not settings_for(home).projections_path.exists():
+        r = bench_rebuild(home, args.events)
+        print(
+            f"- rebuild (`ledger project --rebuild`): {r['seconds']:,.1f} s, "
+            f"**{r['rate']:,.0f} events/s**, peak RSS **{r['peak_mb']:,.0f} MB**; baselines on "
+            f"the first {r['sample']:,} events: reading the log alone (`read_raw`) "
+            f"{r['read_rate']:,.0f} events/s, naive replay (`Ledger.read` -> Arrow -> DuckDB, "
+            f"no projection) {r['naive_rate']:,.0f} events/s",
+            flush=True,
+        )
+    if "sql" not in args.skip:
+        q = bench_sql_vs_pandas(home)
+        print(
+            f"- customer 360 over {q['rows']:,} events: SQL {q['sql_360']:.2f} s, pandas "
+            f"{q['pandas_360']:.2f} s: **{q['pandas_360'] / q['sql_360']:.1f}x** faster\n"
+            f"- RFM: SQL {q['sql_rfm']:.3f} s, pandas {q['pandas_rfm']:.3f} s: "
+            f"**{q['pandas_rfm'] / q['sql_rfm']:.2f}x** (segments agree for "
+            f"{q['rfm_agree']:.1%} of customers)",
+            flush=True,
+        )
+    if "fresh" not in args.skip:
+        f = bench_freshness(home, args.rate, args.fresh_seconds)
+        print(
+            f"- freshness while appending {f['rate']:,.0f} events/s ({f['samples']} appends): "
+            f"append -> visible in the snapshot p50 **{f['p50'] * 1000:,.0f} ms**, "
+            f"p99 **{f['p99'] * 1000:,.0f} ms**",
+            flush=True,
+        )
+    if "lookup" not in args.skip:
+        lk = bench_lookup(home)
+        print(
+            f"- one customer's 360 row among {lk['customers']:,}: snapshot p50 "
+            f"**{lk['snap'][0] * 1000:.2f} ms**, p99 **{lk['snap'][1] * 1000:.2f} ms**; "
+            f"baselines: live view (joins per lookup) p50 {lk['view'][0] * 1000:.2f} ms / "
+            f"p99 {lk['view'][1] * 1000:.2f} ms, pandas .loc p50 "
+            f"{lk['pandas'][0] * 1000:.3f} ms / p99 {lk['pandas'][1] * 1000:.3f} ms",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
