@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from ledger.ledger import Ledger
 from ledger.settings import Settings
@@ -23,28 +24,34 @@ EVENTS = 1_200
 BATCH = 20
 CUSTOMERS = 15
 
-# Runs in a fresh interpreter: opens the ledger (both open a fresh store at the same time),
-# says it is ready, waits for the start signal (so a slow start under load cannot serialise
-# the two writers), appends its slice in batches, re-sends its first batch at the end (a
+# Runs in a fresh interpreter. Two barriers (so a slow start under load cannot serialise the
+# writers): both open the fresh store at the same moment, then both start appending at the
+# same moment. Appends its slice in batches, re-sends its first batch at the end (a
 # redelivery), and reports what each append said.
 WORKER = r"""
-import json, os, sys, time
+import json, sys, time
 from pathlib import Path
 from ledger.ledger import Ledger
 
-lines_file, start, stop, reverse, batch, go, ready = sys.argv[1:8]
+lines_file, start, stop, reverse, batch, signals, me = sys.argv[1:8]
+signals = Path(signals)
+
+def barrier(name):
+    (signals / f"{name}-{me}").touch()
+    deadline = time.monotonic() + 120
+    while not (signals / name).exists():
+        if time.monotonic() > deadline:
+            sys.exit(f"no {name} signal")
+        time.sleep(0.002)
+
 lines = Path(lines_file).read_bytes().splitlines()[int(start):int(stop)]
 batches = [lines[i:i + int(batch)] for i in range(0, len(lines), int(batch))]
 if reverse == "1":
     batches = [list(reversed(b)) for b in reversed(batches)]
 report = []
+barrier("open")
 with Ledger.open() as ledger:
-    Path(ready).touch()
-    deadline = time.monotonic() + 120
-    while not os.path.exists(go):
-        if time.monotonic() > deadline:
-            sys.exit("no start signal")
-        time.sleep(0.002)
+    barrier("append")
     for chunk in [*batches, batches[0]]:
         r = ledger.append(chunk)
         report.append([r.accepted, r.duplicates, len(r.rejected), r.first_position,
@@ -54,6 +61,19 @@ with Ledger.open() as ledger:
         time.sleep(0.02)
 print(json.dumps(report))
 """
+
+
+def release(signals: Path, name: str, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Wait until every worker reached barrier ``name``, then let them all through."""
+    deadline = time.monotonic() + 120
+    while not all((signals / f"{name}-{n}").exists() for n in range(len(procs))):
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            errors = [p.communicate()[1].decode()[-3000:] for p in procs]
+            pytest.fail(f"the writers did not all reach {name!r}: {errors}")
+        time.sleep(0.005)
+    (signals / name).touch()
 
 
 def run_two_writers(settings: Settings, make_event: MakeEvent, tmp_path: Path) -> list[Any]:
@@ -67,7 +87,6 @@ def run_two_writers(settings: Settings, make_event: MakeEvent, tmp_path: Path) -
     ]
     lines_file = tmp_path / "events.jsonl"
     lines_file.write_bytes(b"\n".join(orjson.dumps(e) for e in events))
-    go = tmp_path / "go"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
     env.update(LEDGER_HOME=str(settings.home), LEDGER_MASTER_KEY=str(settings.master_key))
     if settings.store_url:
@@ -76,10 +95,11 @@ def run_two_writers(settings: Settings, make_event: MakeEvent, tmp_path: Path) -
     # They meet in the middle third, racing for the same event ids and the same chains.
     third = EVENTS // 3
     slices = [(0, 2 * third, "0"), (third, EVENTS, "1")]
-    ready = [tmp_path / f"ready-{n}" for n in range(len(slices))]
+    signals = tmp_path / "signals"
+    signals.mkdir()
     procs = []
-    for (a, b, rev), flag in zip(slices, ready, strict=True):
-        argv = [str(lines_file), str(a), str(b), rev, str(BATCH), str(go), str(flag)]
+    for n, (a, b, rev) in enumerate(slices):
+        argv = [str(lines_file), str(a), str(b), rev, str(BATCH), str(signals), str(n)]
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-c", WORKER, *argv],
@@ -88,12 +108,8 @@ def run_two_writers(settings: Settings, make_event: MakeEvent, tmp_path: Path) -
                 stderr=subprocess.PIPE,
             )
         )
-    deadline = time.monotonic() + 120
-    while not all(flag.exists() for flag in ready):
-        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-        assert time.monotonic() < deadline, "the writers did not start"
-        time.sleep(0.01)
-    go.touch()  # both are open and waiting: released together
+    for name in ("open", "append"):
+        release(signals, name, procs)
     reports = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)
