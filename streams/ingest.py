@@ -237,6 +237,8 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
 def create_app(settings: Settings | None = None) -> IngestApp:
     settings = settings or Settings()
     app = IngestApp(settings, **faust_settings(settings))
+    # faust makes only the last level of its data directory.
+    Path(app.conf.datadir).mkdir(parents=True, exist_ok=True)
     source = app.topic(
         settings.topic_touchpoints,
         value_type=bytes,
@@ -302,8 +304,6 @@ def run_worker(app: faust.App, loglevel: str = "INFO") -> None:
     from faust.worker import Worker
 
     app.conf.web_enabled = False
-    # faust makes only the last level of its data directory.
-    Path(app.conf.datadir).mkdir(parents=True, exist_ok=True)
     Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
 
 
