@@ -88,10 +88,17 @@ def _no_float(value: Any) -> Any:
     return value
 
 
+_AMOUNT_LIMIT = Decimal(10) ** 14
+
+
 def _max_four_places(value: Decimal) -> Decimal:
     exponent = value.as_tuple().exponent
     if not isinstance(exponent, int) or exponent < -4:
         raise ValueError("expected a finite amount with at most 4 decimal places")
+    # Projections hold money as DECIMAL(18,4); a larger amount would sit in the immutable
+    # ledger forever yet project as NULL.
+    if value >= _AMOUNT_LIMIT:
+        raise ValueError("expected at most 14 digits before the decimal point")
     return value
 
 
