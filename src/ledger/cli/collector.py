@@ -7,9 +7,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ledger.cli.output import console, err_console
+from ledger.cli.output import console, err_console, fail
 from ledger.collector.auth import KEY_CHANNELS, SourceRegistry
 from ledger.collector.db import CollectorDB
+from ledger.collector.identity import DEFAULT_LIMITS, Pseudonyms, identity_key, parse_limits, report
+from ledger.ledger import Ledger
 from ledger.settings import Settings
 
 sources_app = typer.Typer(
@@ -83,6 +85,14 @@ def sources_revoke(
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8080,
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--limit",
+            help="Identifiers of a kind one customer may hold, KIND=N (repeatable); defaults: "
+            + ", ".join(f"{k}={v}" for k, v in DEFAULT_LIMITS.items()),
+        ),
+    ] = None,
     access_log: Annotated[
         bool, typer.Option(help="Log each request (client addresses are personal data).")
     ] = False,
@@ -93,7 +103,7 @@ def serve(
     from ledger.collector.app import create_app
 
     settings = Settings()
-    app = create_app(settings)
+    app = create_app(settings, parse_limits(limit or []))
     where = "PostgreSQL" if settings.store_url else str(settings.sqlite_path)
     err_console.print(f"collector on http://{host}:{port} into {where}", highlight=False)
     config = uvicorn.Config(
@@ -108,6 +118,56 @@ def serve(
     uvicorn.Server(config).run()
 
 
+def identities(
+    customer: Annotated[str, typer.Argument(help="A customer id, e.g. from `ledger history`.")],
+) -> None:
+    """The identifiers the collector linked to a customer, its merges and refused links."""
+    settings = Settings()
+    db = CollectorDB(settings)
+    try:
+        found = report(db, customer)
+        if not found.known:
+            fail(f"no customer {customer!r} in the collector's identity graph")
+        if found.merged_into:
+            console.print(f"{customer} was merged into [bold]{found.merged_into}[/]")
+            found = report(db, found.merged_into)
+    finally:
+        db.close()
+    # Values are not in the graph (only keyed hashes): read them from the ledger's events.
+    pseudonyms = Pseudonyms(identity_key(settings))
+    values: dict[tuple[str, str], str] = {}
+    names: set[str] = set()
+    with Ledger.open(settings) as ledger:
+        for cid in [found.customer_id, *found.absorbed]:
+            for event in ledger.history(cid):
+                for kind, value in (event.identifiers or {}).items():
+                    if kind == "name":
+                        names.add(value)
+                    else:
+                        values[(kind, pseudonyms.digest(kind, value))] = value
+    console.print(
+        f"customer [bold]{found.customer_id}[/]"
+        + (f" ({', '.join(sorted(names))})" if names else "")
+    )
+    table = Table("kind", "identifier", "first seen", title="identifiers")
+    for kind, digest, seen in found.identifiers:
+        table.add_row(kind, values.get((kind, digest), f"(hash {digest[:12]}…)"), seen)
+    console.print(table)
+    if found.merged:
+        merges = Table("merged customer", "linked by", "at", title="merges into this customer")
+        for gone, kind, at in found.merged:
+            merges.add_row(gone, kind, at)
+        console.print(merges)
+    if found.absorbed:
+        console.print("histories joined here: " + ", ".join(found.absorbed))
+    if found.refusals:
+        refused = Table("identifier kind", "other customer", "limit", "at", title="refused links")
+        for kind, other, limit_value, at in found.refusals:
+            refused.add_row(kind, other or "(new identifier)", str(limit_value), at)
+        console.print(refused)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(sources_app, name="sources")
     app.command()(serve)
+    app.command()(identities)

@@ -33,7 +33,7 @@ from starlette.routing import Route
 from ledger.collector import segment, webhooks
 from ledger.collector.auth import SourceRegistry
 from ledger.collector.db import CollectorDB
-from ledger.collector.identity import DirectResolver, Pseudonyms, identity_key
+from ledger.collector.identity import GraphResolver, Pseudonyms, identity_key
 from ledger.collector.intake import Intake, Problem
 from ledger.collector.touch import MappingError, Touch
 from ledger.collector.wire import (
@@ -122,8 +122,11 @@ def routes() -> list[Route]:
     return out + webhooks.routes()
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
-    """The collector over the ledger the settings name (opened at startup, closed at shutdown)."""
+def create_app(settings: Settings | None = None, limits: dict[str, int] | None = None) -> Starlette:
+    """The collector over the ledger the settings name (opened at startup, closed at shutdown).
+
+    ``limits``: identifiers of each kind one customer may hold (see :mod:`identity`).
+    """
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -131,8 +134,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ledger = Ledger.open(settings)
         db = CollectorDB(settings)
         dead = DeadLetters(settings.rejected_dir)
-        intake = Intake(ledger, DirectResolver(Pseudonyms(identity_key(settings))), dead)
-        app.state.collector = Collector(settings, SourceRegistry(db), intake)
+        resolver = GraphResolver(db, Pseudonyms(identity_key(settings)), limits)
+        intake = Intake(ledger, resolver, dead)
+        # Key checks get their own connection: the event loop must never wait on the writer.
+        keys_db = CollectorDB(settings)
+        app.state.collector = Collector(settings, SourceRegistry(keys_db), intake)
         try:
             yield
         finally:
@@ -140,6 +146,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             dead.close()
             ledger.close()
             db.close()
+            keys_db.close()
 
     async def server_error(request: Request, exc: Exception) -> Response:
         log.error("unexpected %s on %s", type(exc).__name__, request.url.path)

@@ -1,21 +1,97 @@
-"""Identity stitching: which customer a touchpoint is about.
+"""Identity stitching: a deterministic identity graph resolving each touchpoint to one customer.
 
-Customer ids are pseudonyms derived from an identifier with a keyed hash
-(HMAC-SHA256 under a key derived from the ledger's master key), so the same
-first identifier always mints the same customer id, and the id reveals
-nothing about the email or phone it came from.
+The graph links identifiers (user ids, normalised emails, E.164 phones,
+``network:handle`` social handles, anonymous ids) to customers. It is kept in
+the collector's own tables, identifiers only as keyed hashes (HMAC-SHA256
+under a key derived from the ledger's master key): the tables say which
+identifiers belong together without holding a single email or number; the
+values themselves live, encrypted, in the ledger's events.
+
+Resolving one touch (its identifiers in strength order: user_id, email, phone,
+social_handle, anonymous_id):
+
+1. The customer is the owner of its strongest *known* identifier. When a
+   stronger identifier is new and cannot join that customer (the customer is
+   at its limit for that kind, e.g. already has a user id), the stronger one
+   wins: a new customer is minted from it. With no known identifier, a customer
+   is minted from the strongest one. Minted ids are ``cus_`` + a keyed hash of
+   that identifier, so a replay mints the same ids.
+2. Every other identifier of the touch is linked to that customer: a new one
+   joins it; one owned by another customer means both are one person, a
+   **merge**: the older customer (created first) survives, the other's
+   identifiers move to it, and a ``customers_merged`` event is appended to the
+   survivor's stream in the same ledger transaction as the touch.
+3. **Limits**: a customer may hold at most ``limits[kind]`` identifiers of each
+   kind (default: 1 user id, 3 emails, 2 phones, 5 handles, 100 anonymous ids).
+   A link or merge that would pass a limit is refused, recorded in
+   ``collector_refusals`` and as an ``identity_link_refused`` event, and the
+   touch stays with its customer. So a shared office phone cannot fuse people
+   who have user ids, and people without them at most ``limits["email"]`` deep.
+
+The resolver keeps its changes pending until the ledger has committed the
+events that depend on them, then writes them in one transaction; if the append
+fails they are dropped, and a retried request resolves the same way again. The
+graph is cached in memory: run one collector process per ledger.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from ledger import keyring as kr
-from ledger.collector.touch import IDENTIFIER_KINDS, Touch
+from ledger.collector.db import CollectorDB
+from ledger.collector.touch import EVENT_NAMESPACE, IDENTIFIER_KINDS, Touch
 from ledger.ledger import LedgerError
 from ledger.settings import Settings
+
+DEFAULT_LIMITS: dict[str, int] = {
+    "user_id": 1,
+    "email": 3,
+    "phone": 2,
+    "social_handle": 5,
+    "anonymous_id": 100,
+}
+_STRENGTH = {kind: n for n, kind in enumerate(IDENTIFIER_KINDS)}
+
+TABLES = [
+    """CREATE TABLE IF NOT EXISTS collector_customers (
+        customer_id TEXT PRIMARY KEY,
+        created_seq BIGINT NOT NULL,
+        created_at TEXT NOT NULL,
+        merged_into TEXT
+    )""",
+    """CREATE TABLE IF NOT EXISTS collector_identifiers (
+        kind TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        customer_id TEXT NOT NULL,
+        first_seen TEXT NOT NULL,
+        PRIMARY KEY (kind, digest)
+    )""",
+    "CREATE INDEX IF NOT EXISTS collector_identifiers_customer "
+    "ON collector_identifiers (customer_id)",
+    """CREATE TABLE IF NOT EXISTS collector_merges (
+        event_id TEXT PRIMARY KEY,
+        from_customer TEXT NOT NULL,
+        into_customer TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        at TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS collector_refusals (
+        event_id TEXT PRIMARY KEY,
+        customer_id TEXT NOT NULL,
+        other_customer TEXT,
+        kind TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        limit_value INTEGER NOT NULL,
+        at TEXT NOT NULL
+    )""",
+]
 
 
 def identity_key(settings: Settings) -> bytes:
@@ -40,23 +116,331 @@ class Pseudonyms:
         return "cus_" + self.digest(kind, value)[:20]
 
 
-def strongest(ids: list[tuple[str, str]]) -> tuple[str, str]:
-    return min(ids, key=lambda kv: (IDENTIFIER_KINDS.index(kv[0]), kv[1]))
+def parse_limits(items: Iterable[str]) -> dict[str, int]:
+    """``kind=N`` options over the defaults; errors name the item and what was expected."""
+    limits = dict(DEFAULT_LIMITS)
+    for item in items:
+        kind, _, number = item.partition("=")
+        if kind not in DEFAULT_LIMITS or not number.isdigit() or int(number) < 1:
+            raise LedgerError(
+                f"--limit {item!r}: expected KIND=N with N >= 1 and KIND one of "
+                + ", ".join(DEFAULT_LIMITS)
+            )
+        limits[kind] = int(number)
+    return limits
 
 
-class DirectResolver:
-    """No graph: each touch belongs to the customer minted from its strongest identifier."""
+def _derived_id(*parts: str) -> str:
+    return str(uuid.uuid5(EVENT_NAMESPACE, "\n".join(parts)))
 
-    def __init__(self, pseudonyms: Pseudonyms):
+
+@dataclass
+class _Pending:
+    """Graph changes waiting for the ledger commit, in the order they happened."""
+
+    sql: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+
+    def add(self, sql: str, *params: Any) -> None:
+        self.sql.append((sql, params))
+
+
+class GraphResolver:
+    """Resolves touches against the identity graph (see the module docstring)."""
+
+    def __init__(
+        self, db: CollectorDB, pseudonyms: Pseudonyms, limits: dict[str, int] | None = None
+    ):
+        self.db = db
         self.pseudonyms = pseudonyms
+        self.limits = dict(limits or DEFAULT_LIMITS)
+        db.create(TABLES)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._owner: dict[tuple[str, str], str | None] = {}
+        self._counts: dict[str, dict[str, int]] = {}
+        self._created: dict[str, int] = {}
+        self._members: dict[str, list[tuple[str, str]]] = {}
+        rows = self.db.query("SELECT MAX(created_seq) FROM collector_customers")
+        self._seq = int(rows[0][0] or 0)
+        self._pending = _Pending()
+
+    # ------------------------------------------------------------------ cache fills
+
+    def _prefetch(self, keys: Sequence[tuple[str, str]]) -> None:
+        missing = list(dict.fromkeys(k for k in keys if k not in self._owner))
+        for start in range(0, len(missing), 400):
+            chunk = missing[start : start + 400]
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.query(
+                f"SELECT kind, digest, customer_id FROM collector_identifiers "
+                f"WHERE digest IN ({marks})",
+                [d for _, d in chunk],
+            )
+            found = {(r[0], r[1]): r[2] for r in rows}
+            for key in chunk:
+                self._owner[key] = found.get(key)
+
+    def _load_customer(self, customer: str) -> None:
+        if customer in self._counts:
+            return
+        rows = self.db.query(
+            "SELECT kind, digest FROM collector_identifiers WHERE customer_id = ?", [customer]
+        )
+        members = [(r[0], r[1]) for r in rows]
+        self._members[customer] = members
+        counts: dict[str, int] = {}
+        for kind, _ in members:
+            counts[kind] = counts.get(kind, 0) + 1
+        self._counts[customer] = counts
+        created = self.db.query(
+            "SELECT created_seq FROM collector_customers WHERE customer_id = ?", [customer]
+        )
+        self._created[customer] = int(created[0][0]) if created else 0
+
+    # ------------------------------------------------------------------ graph changes
+
+    def _mint(self, kind: str, value: str, now: str) -> str:
+        customer = self.pseudonyms.customer_id(kind, value)
+        if customer not in self._counts:
+            self._seq += 1
+            self._counts[customer] = {}
+            self._members[customer] = []
+            self._created[customer] = self._seq
+            self._pending.add(
+                "INSERT INTO collector_customers (customer_id, created_seq, created_at) "
+                "VALUES (?, ?, ?)",
+                customer,
+                self._seq,
+                now,
+            )
+        return customer
+
+    def _link(self, key: tuple[str, str], customer: str, now: str) -> None:
+        self._owner[key] = customer
+        self._members[customer].append(key)
+        counts = self._counts[customer]
+        counts[key[0]] = counts.get(key[0], 0) + 1
+        self._pending.add(
+            "INSERT INTO collector_identifiers (kind, digest, customer_id, first_seen) "
+            "VALUES (?, ?, ?, ?)",
+            key[0],
+            key[1],
+            customer,
+            now,
+        )
+
+    def _fits(self, customer: str, extra: dict[str, int]) -> str | None:
+        """The first kind whose limit ``extra`` more identifiers would pass, else None."""
+        counts = self._counts[customer]
+        for kind in IDENTIFIER_KINDS:
+            if extra.get(kind) and counts.get(kind, 0) + extra[kind] > self.limits[kind]:
+                return kind
+        return None
+
+    def _merge(self, gone: str, survivor: str, kind: str, now: str) -> str:
+        for key in self._members.pop(gone):
+            self._owner[key] = survivor
+            self._members[survivor].append(key)
+        for k, n in self._counts.pop(gone).items():
+            self._counts[survivor][k] = self._counts[survivor].get(k, 0) + n
+        self._created.pop(gone, None)
+        event_id = _derived_id("merge", gone, survivor)
+        self._pending.add(
+            "UPDATE collector_identifiers SET customer_id = ? WHERE customer_id = ?",
+            survivor,
+            gone,
+        )
+        self._pending.add(
+            "UPDATE collector_customers SET merged_into = ? WHERE customer_id = ?", survivor, gone
+        )
+        self._pending.add(
+            "UPDATE collector_customers SET merged_into = ? WHERE merged_into = ?", survivor, gone
+        )
+        self._pending.add(
+            "INSERT INTO collector_merges (event_id, from_customer, into_customer, kind, at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            event_id,
+            gone,
+            survivor,
+            kind,
+            now,
+        )
+        return event_id
+
+    # ------------------------------------------------------------------ resolving
 
     def resolve(self, touches: list[Touch]) -> list[dict[str, Any]]:
-        for touch in touches:
-            touch.event["customer_id"] = self.pseudonyms.customer_id(*strongest(touch.ids))
-        return []
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        keyed = [
+            sorted(
+                ((k, v, (k, self.pseudonyms.digest(k, v))) for k, v in t.ids),
+                key=lambda x: _STRENGTH[x[0]],
+            )
+            for t in touches
+        ]
+        self._prefetch([key for ids in keyed for _, _, key in ids])
+        derived: list[dict[str, Any]] = []
+        for touch, ids in zip(touches, keyed, strict=True):
+            touch.event["customer_id"] = self._resolve_one(touch, ids, now, derived)
+        return derived
+
+    def _resolve_one(
+        self,
+        touch: Touch,
+        ids: list[tuple[str, str, tuple[str, str]]],
+        now: str,
+        derived: list[dict[str, Any]],
+    ) -> str:
+        known = [(k, v, key) for k, v, key in ids if self._owner.get(key)]
+        target: str | None = None
+        if known:
+            target = self._owner[known[0][2]]
+            assert target is not None
+            self._load_customer(target)
+            anchor = _STRENGTH[known[0][0]]
+            for kind, value, key in ids:
+                if _STRENGTH[kind] >= anchor:
+                    break
+                if self._owner.get(key) is None and self._fits(target, {kind: 1}) is not None:
+                    # A stronger new identifier that cannot join: it is someone else.
+                    target = self._mint(kind, value, now)
+                    break
+        else:
+            kind, value, _ = ids[0]
+            target = self._mint(kind, value, now)
+        for kind, _, key in ids:
+            owner = self._owner.get(key)
+            if owner == target:
+                continue
+            if owner is None:
+                if self._fits(target, {kind: 1}) is None:
+                    self._link(key, target, now)
+                else:
+                    self._refuse(touch, target, None, key, derived, now)
+                continue
+            self._load_customer(owner)
+            over = self._fits(target, self._counts[owner])
+            if over is not None:
+                self._refuse(touch, target, owner, (over, key[1]), derived, now)
+                continue
+            survivor, gone = sorted((target, owner), key=lambda c: (self._created[c], c))
+            event_id = self._merge(gone, survivor, kind, now)
+            derived.append(
+                self._system_event(
+                    touch,
+                    survivor,
+                    event_id,
+                    "customers_merged",
+                    {"merged_customer_id": gone, "identifier_type": kind},
+                )
+            )
+            target = survivor
+        return target
+
+    def _refuse(
+        self,
+        touch: Touch,
+        target: str,
+        other: str | None,
+        key: tuple[str, str],
+        derived: list[dict[str, Any]],
+        now: str,
+    ) -> None:
+        kind = key[0]
+        event_id = _derived_id("refused", target, other or "", kind, key[1])
+        payload: dict[str, Any] = {"identifier_type": kind, "limit": self.limits[kind]}
+        if other:
+            payload["other_customer_id"] = other
+        self._pending.add(
+            "INSERT INTO collector_refusals (event_id, customer_id, other_customer, kind, digest,"
+            " limit_value, at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            event_id,
+            target,
+            other,
+            kind,
+            key[1],
+            self.limits[kind],
+            now,
+        )
+        derived.append(
+            self._system_event(touch, target, event_id, "identity_link_refused", payload)
+        )
+
+    @staticmethod
+    def _system_event(
+        touch: Touch, customer: str, event_id: str, type_: str, payload: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
+            "event_id": event_id,
+            "customer_id": customer,
+            "channel": "system",
+            "type": type_,
+            "occurred_at": touch.event["occurred_at"],
+            "source": touch.event["source"],
+            "payload": payload,
+            "schema_version": 1,
+        }
 
     def commit(self) -> None:
-        return None
+        pending, self._pending = self._pending, _Pending()
+        if not pending.sql:
+            return
+        with self.db.transaction():
+            for sql, params in pending.sql:
+                self.db.execute(sql, params)
 
     def rollback(self) -> None:
-        return None
+        self._reset()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class IdentityReport:
+    """What ``ledger identities`` shows about one customer."""
+
+    customer_id: str
+    merged_into: str | None
+    identifiers: list[tuple[str, str, str]]  # kind, digest, first seen
+    merged: list[tuple[str, str, str]]  # from customer, identifier kind, at
+    refusals: list[tuple[str, str | None, int, str]]  # kind, other customer, limit, at
+    known: bool
+    #: Every customer merged into this one, directly or through an earlier merge.
+    absorbed: list[str] = field(default_factory=list)
+
+
+def report(db: CollectorDB, customer_id: str) -> IdentityReport:
+    db.create(TABLES)
+    row = db.query(
+        "SELECT merged_into FROM collector_customers WHERE customer_id = ?", [customer_id]
+    )
+    identifiers = db.query(
+        "SELECT kind, digest, first_seen FROM collector_identifiers WHERE customer_id = ? "
+        "ORDER BY first_seen, kind, digest",
+        [customer_id],
+    )
+    merged = db.query(
+        "SELECT from_customer, kind, at FROM collector_merges WHERE into_customer = ? "
+        "ORDER BY at, from_customer",
+        [customer_id],
+    )
+    refusals = db.query(
+        "SELECT kind, other_customer, limit_value, at FROM collector_refusals "
+        "WHERE customer_id = ? ORDER BY at, kind",
+        [customer_id],
+    )
+    absorbed = db.query(
+        "SELECT customer_id FROM collector_customers WHERE merged_into = ? ORDER BY created_seq",
+        [customer_id],
+    )
+    return IdentityReport(
+        absorbed=[r[0] for r in absorbed],
+        customer_id=customer_id,
+        merged_into=row[0][0] if row else None,
+        identifiers=[(r[0], r[1], r[2]) for r in identifiers],
+        merged=[(r[0], r[1], r[2]) for r in merged],
+        refusals=[(r[0], r[1], int(r[2]), r[3]) for r in refusals],
+        known=bool(row),
+    )

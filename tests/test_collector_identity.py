@@ -1,0 +1,256 @@
+"""Identity stitching: the graph over a real SQLite ledger, and end to end over HTTP."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import requests
+
+from collector_server import Server, add_source, cli_env
+from conftest import TEST_MASTER_KEY
+from ledger.collector import segment
+from ledger.collector.db import CollectorDB
+from ledger.collector.identity import GraphResolver, Pseudonyms, identity_key, parse_limits
+from ledger.collector.touch import Touch
+from ledger.ledger import Ledger, LedgerError
+from ledger.settings import Settings
+
+NOW = dt.datetime(2026, 11, 1, 12, tzinfo=dt.UTC)
+
+
+class Graph:
+    """The collector's write path without HTTP: resolve, append, then commit the graph."""
+
+    def __init__(self, home: Path, limits: dict[str, int] | None = None):
+        self.settings = Settings(home=home, master_key=TEST_MASTER_KEY)
+        self.ledger = Ledger.open(self.settings)
+        self.db = CollectorDB(self.settings)
+        self.resolver = GraphResolver(self.db, Pseudonyms(identity_key(self.settings)), limits)
+
+    def send(self, *messages: dict[str, Any]) -> list[str]:
+        touches: list[Touch] = [
+            segment.map_message(
+                {"messageId": str(uuid.uuid4()), **m}, source="site", received_at=NOW
+            )
+            for m in messages
+        ]
+        derived = self.resolver.resolve(touches)
+        result = self.ledger.append([t.event for t in touches] + derived)
+        assert result.rejected == []
+        self.resolver.commit()
+        return [t.event["customer_id"] for t in touches]
+
+    def events(self, type_: str) -> list[Any]:
+        return [e for e in self.ledger.read(0, 10_000, decrypt=True) if e.type == type_]
+
+    def close(self) -> None:
+        self.ledger.close()
+        self.db.close()
+
+
+@pytest.fixture
+def graph(tmp_path: Path) -> Iterator[Graph]:
+    g = Graph(tmp_path / "home")
+    yield g
+    g.close()
+
+
+def identify(user: str | None = None, anon: str | None = None, **traits: Any) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "identify", "traits": traits}
+    if user:
+        msg["userId"] = user
+    if anon:
+        msg["anonymousId"] = anon
+    return msg
+
+
+def page(anon: str) -> dict[str, Any]:
+    return {"type": "page", "anonymousId": anon, "properties": {"url": "https://x.example/"}}
+
+
+def test_identify_links_ids_and_merges_two_known_customers_into_the_older(graph: Graph) -> None:
+    (browsing,) = graph.send(page("anon-1"))
+    (app_user,) = graph.send(identify(user="u-1"))
+    assert browsing != app_user
+    (linked,) = graph.send(identify(user="u-1", anon="anon-1", email="Ann@Example.com "))
+    assert linked == browsing  # the older customer survives
+    merges = graph.events("customers_merged")
+    assert len(merges) == 1
+    assert merges[0].customer_id == browsing
+    assert merges[0].payload == {"merged_customer_id": app_user, "identifier_type": "anonymous_id"}
+    # Every identifier now resolves to the survivor, whichever arrives alone.
+    alone = graph.send(
+        page("anon-1"), identify(user="u-1"), identify(anon="new", email="ann@example.com")
+    )
+    assert alone == [browsing] * 3
+
+
+def test_normalised_email_and_phone_find_the_same_customer(graph: Graph) -> None:
+    first = graph.send(identify(user="u-7", email="Bob@Example.COM", phone="+49 151 1234-5678"))
+    again = graph.send(
+        identify(anon="a-7", email="  bob@example.com"),
+        identify(anon="a-8", phone="0049 (151) 12345678"),
+    )
+    assert again == first * 2
+
+
+def test_shared_office_phone_cannot_fuse_people_with_user_ids(graph: Graph) -> None:
+    office = "+44 20 7946 0000"
+    customers = graph.send(*[identify(user=f"staff-{n}", phone=office) for n in range(10)])
+    assert len(set(customers)) == 10
+    refused = graph.events("identity_link_refused")
+    assert len(refused) == 9
+    assert {e.payload["identifier_type"] for e in refused} == {"user_id"}
+    assert {e.payload["other_customer_id"] for e in refused} == {customers[0]}
+    assert graph.events("customers_merged") == []
+    rows = graph.db.query("SELECT COUNT(*), COUNT(DISTINCT customer_id) FROM collector_refusals")
+    assert rows == [(9, 9)]
+    # The phone stays with the first person; each other person keeps their own customer.
+    assert graph.send(identify(anon="visitor", phone=office)) == [customers[0]]
+    assert graph.send(identify(user="staff-5")) == [customers[5]]
+
+
+def test_without_user_ids_the_email_limit_bounds_how_many_fuse(tmp_path: Path) -> None:
+    g = Graph(tmp_path / "home", limits=parse_limits(["email=3"]))
+    try:
+        customers = g.send(
+            *[
+                identify(anon=f"a{n}", email=f"p{n}@firm.example", phone="+15550001111")
+                for n in range(6)
+            ]
+        )
+    finally:
+        g.close()
+    assert customers[:3] == [customers[0]] * 3  # three emails: the limit
+    assert len(set(customers)) == 4
+    assert len(set(customers[3:])) == 3
+
+
+def test_resolution_is_deterministic_and_survives_a_restart(tmp_path: Path) -> None:
+    script = [
+        page("a1"),
+        identify(user="u1"),
+        identify(user="u1", anon="a1", email="x@y.example"),
+        identify(anon="a2", email="X@y.example"),
+        page("a3"),
+        identify(user="u2", anon="a3"),
+    ]
+    a = Graph(tmp_path / "one")
+    first = a.send(*script[:3])
+    a.close()
+    a = Graph(tmp_path / "one")  # a new process: the graph comes from the tables
+    first += a.send(*script[3:])
+    merges_a = sorted(
+        (e.customer_id, e.payload["merged_customer_id"]) for e in a.events("customers_merged")
+    )
+    a.close()
+
+    b = Graph(tmp_path / "two")  # the same master key: same pseudonyms
+    second = b.send(*script)
+    merges_b = sorted(
+        (e.customer_id, e.payload["merged_customer_id"]) for e in b.events("customers_merged")
+    )
+    b.close()
+    assert first[2:4] == [first[0], first[0]]
+    assert second[2:] == first[2:]
+    assert merges_a == merges_b and len(merges_a) == 1
+
+
+def test_rollback_leaves_the_graph_as_it_was(graph: Graph) -> None:
+    touch = segment.map_message(identify(user="u9", anon="a9"), source="s", received_at=NOW)
+    graph.resolver.resolve([touch])
+    graph.resolver.rollback()
+    assert graph.db.query("SELECT COUNT(*) FROM collector_identifiers") == [(0,)]
+    assert graph.db.query("SELECT COUNT(*) FROM collector_customers") == [(0,)]
+
+
+def test_limits_option_errors_are_sentences() -> None:
+    with pytest.raises(LedgerError, match="--limit 'fax=2': expected KIND=N"):
+        parse_limits(["fax=2"])
+    with pytest.raises(LedgerError, match="N >= 1"):
+        parse_limits(["email=0"])
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Server, dict[str, str]]]:
+    home = tmp_path / "home"
+    keys = {
+        "web": add_source(home, "website", "web"),
+        "email": add_source(home, "sendgrid", "email"),
+    }
+    server = Server(home).start()
+    yield server, keys
+    server.stop()
+
+
+def test_stitching_over_http_and_ledger_identities(served: tuple[Server, dict[str, str]]) -> None:
+    server, keys = served
+
+    def batch(key: str, path: str, body: Any) -> dict[str, Any]:
+        answer = requests.post(
+            server.url + path, data=orjson.dumps(body), auth=(key, ""), timeout=30
+        )
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json())
+
+    batch(keys["web"], "/v1/batch", {"batch": [page("cookie-1")]})
+    batch(keys["web"], "/v1/batch", {"batch": [{**identify(user="u-42"), "messageId": "m-id"}]})
+    batch(
+        keys["web"],
+        "/v1/batch",
+        {"batch": [identify(user="u-42", anon="cookie-1", email="Dana@Example.com", name="Dana")]},
+    )
+    sendgrid = [
+        {
+            "email": "dana@example.com",
+            "timestamp": 1700000000,
+            "event": "open",
+            "sg_event_id": "ev-1",
+            "sg_message_id": "msg-1.filter0001",
+        }
+    ]
+    batch(keys["email"], "/webhooks/sendgrid", sendgrid)
+    server.stop()
+
+    with Ledger.open(Settings(home=server.home, master_key=TEST_MASTER_KEY)) as ledger:
+        recorded = ledger.read(0, 1000, decrypt=True)
+    merged = [e for e in recorded if e.type == "customers_merged"]
+    assert len(merged) == 1
+    survivor, gone = merged[0].customer_id, merged[0].payload["merged_customer_id"]
+    opened = next(e for e in recorded if e.type == "email_opened")
+    assert opened.customer_id == survivor
+    assert {e.customer_id for e in recorded if e.type == "page_viewed"} == {survivor}
+
+    env = {**cli_env(server.home), "COLUMNS": "200"}
+    shown = subprocess.run(
+        [sys.executable, "-m", "ledger", "identities", gone],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert f"{gone} was merged into {survivor}" in out
+    for value in ("u-42", "cookie-1", "dana@example.com", "Dana"):
+        assert value in out
+    assert "anonymous_id" in out and gone in out
+    unknown = subprocess.run(
+        [sys.executable, "-m", "ledger", "identities", "cus_nobody"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert unknown.returncode == 1
+    assert "no customer 'cus_nobody' in the collector's identity graph" in unknown.stderr
+    assert os.path.exists(server.home / "ledger.db")
