@@ -192,8 +192,9 @@ def test_tracking_commits_with_the_events_or_not_at_all(
 
 
 def test_key_file_is_created_0600_and_reused(tmp_path: Any, make_event: MakeEvent) -> None:
-    settings = Settings(home=tmp_path / "home")
-    assert settings.master_key is None or pytest.fail("LEDGER_MASTER_KEY leaks into tests")
+    # Explicit Nones: a LEDGER_MASTER_KEY or LEDGER_STORE_URL in the environment must not count.
+    settings = Settings(home=tmp_path / "home", master_key=None, store_url=None)
+    assert not settings.key_file.exists()
     event = make_event("cus_k", "chat_message", identifiers={"name": "Kim"})
     with Ledger.open(settings) as ledger:
         ledger.append([event])
