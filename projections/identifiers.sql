@@ -26,9 +26,9 @@ forgotten AS (
     GROUP BY customer_id
 )
 SELECT customer_id, field,
-       arg_max(value, {t: occurred_at, p: position}),
+       arg_max(value, epoch_us(occurred_at)::HUGEINT * 1000000000000 + position),
        max(occurred_at),
-       arg_max(position, {t: occurred_at, p: position})
+       arg_max(position, epoch_us(occurred_at)::HUGEINT * 1000000000000 + position)
 FROM batch_identifiers b
 JOIN batch e USING (position)
 LEFT JOIN forgotten f USING (customer_id)
