@@ -30,8 +30,10 @@ NOW = dt.datetime(2026, 11, 1, 12, tzinfo=dt.UTC)
 class Graph:
     """The collector's write path without HTTP: resolve, append, then commit the graph."""
 
-    def __init__(self, home: Path, limits: dict[str, int] | None = None):
-        self.settings = Settings(home=home, master_key=TEST_MASTER_KEY)
+    def __init__(
+        self, home: Path, limits: dict[str, int] | None = None, store_url: str | None = None
+    ):
+        self.settings = Settings(home=home, master_key=TEST_MASTER_KEY, store_url=store_url)
         self.ledger = Ledger.open(self.settings)
         self.db = CollectorDB(self.settings)
         self.resolver = GraphResolver(self.db, Pseudonyms(identity_key(self.settings)), limits)
@@ -117,6 +119,29 @@ def test_shared_office_phone_cannot_fuse_people_with_user_ids(graph: Graph) -> N
     # The phone stays with the first person; each other person keeps their own customer.
     assert graph.send(identify(anon="visitor", phone=office)) == [customers[0]]
     assert graph.send(identify(user="staff-5")) == [customers[5]]
+
+
+@pytest.mark.postgres
+def test_graph_in_postgresql_merges_and_refuses_the_same_way(tmp_path: Path, pg_url: str) -> None:
+    g = Graph(tmp_path / "home", store_url=pg_url)
+    try:
+        browsing, app_user, linked = g.send(
+            page("a1"), identify(user="u1"), identify(user="u1", anon="a1")
+        )
+        shared = g.send(*[identify(user=f"s{n}", phone="+15550002222") for n in range(3)])
+        merges = g.events("customers_merged")
+        refused = g.events("identity_link_refused")
+        tables = g.db.query(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_name LIKE 'collector_%'"
+        )
+    finally:
+        g.close()
+    assert linked == browsing != app_user
+    assert [(e.customer_id, e.payload["merged_customer_id"]) for e in merges] == [
+        (browsing, app_user)
+    ]
+    assert len(set(shared)) == 3 and len(refused) == 2
+    assert tables == [(4,)]  # customers, identifiers, merges, refusals; keys appear on first use
 
 
 def test_without_user_ids_the_email_limit_bounds_how_many_fuse(tmp_path: Path) -> None:

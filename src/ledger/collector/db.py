@@ -48,9 +48,15 @@ class CollectorDB:
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.postgres else sql
 
+    def _run(self, sql: str, params: Sequence[Any]) -> Any:
+        if self.postgres and not params:
+            # No parameters, no placeholder parsing: a literal % (LIKE 'x_%') stays as it is.
+            return self._conn.execute(sql)
+        return self._conn.execute(self._sql(sql), tuple(params))
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            cur = self._conn.execute(self._sql(sql), tuple(params))
+            cur = self._run(sql, params)
             rows = cur.fetchall() if cur.description else []
             return [tuple(r) for r in rows]
 
@@ -68,7 +74,7 @@ class CollectorDB:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         with self._lock:
-            cur = self._conn.execute(self._sql(sql), tuple(params))
+            cur = self._run(sql, params)
             return int(cur.rowcount or 0)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
