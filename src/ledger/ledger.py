@@ -166,6 +166,8 @@ class Ledger:
         self.store = store
         self.keys = keys
         self.strict = strict
+        #: Set once a stored data key unwrapped: the master key is the ledger's.
+        self._master_ok = False
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> Ledger:
@@ -326,6 +328,13 @@ class Ledger:
                 blob, ciphers[c] = self.keys.new_wrapped_key(c)
                 new_rows.append((c, blob))
         if new_rows:
+            if not self._master_ok:
+                # Wrapping new keys under a wrong master key would leave those customers
+                # unreadable with the right one: prove the key on a stored one first.
+                sample = session.any_wrapped_key()
+                if sample is not None:
+                    self._unwrap(*sample)
+                self._master_ok = True
             session.insert_keys(new_rows)
         return ciphers
 
@@ -382,7 +391,9 @@ class Ledger:
 
     def _unwrap(self, customer_id: str, wrapped: bytes) -> Any:
         try:
-            return self.keys.load(customer_id, wrapped)
+            cipher = self.keys.load(customer_id, wrapped)
+            self._master_ok = True
+            return cipher
         except kr.KeyError_ as exc:
             # A wrong master key is a user's mistake, not a crash: say so in one sentence.
             raise LedgerError(str(exc)) from None

@@ -76,6 +76,11 @@ class WriteSession(abc.ABC):
     @abc.abstractmethod
     def delete_key(self, customer_id: str) -> bool: ...
 
+    @abc.abstractmethod
+    def any_wrapped_key(self) -> tuple[str, bytes] | None:
+        """One stored (customer, wrapped key): proof the master key is right before new
+        keys are wrapped with it."""
+
 
 class EventStore(abc.ABC):
     """A database holding the ledger. Subclasses wrap an eventsourcing process recorder."""

@@ -138,6 +138,11 @@ class _SQLiteSession(WriteSession):
         self.cur.execute("DELETE FROM ledger_keys WHERE customer_id = ?", (customer_id,))
         return bool(self.cur.rowcount)
 
+    def any_wrapped_key(self) -> tuple[str, bytes] | None:
+        self.cur.execute("SELECT customer_id, wrapped_key FROM ledger_keys LIMIT 1")
+        row = self.cur.fetchone()
+        return None if row is None else (row[0], row[1])
+
 
 class SQLiteStore(EventStore):
     def __init__(
