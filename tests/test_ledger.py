@@ -219,6 +219,14 @@ def test_wrong_master_key_is_a_clear_ledger_error(
         with pytest.raises(LedgerError, match="master key"):
             ledger.append([make_event("cus_w", "chat_message")])
         assert ledger.position == 1  # the refused append stored nothing
+        # A customer the ledger has never seen must not get a data key wrapped by the wrong
+        # master key either: the right key could never read that customer again.
+        with pytest.raises(LedgerError, match="master key"):
+            ledger.append([make_event("cus_new", "chat_message")])
+        assert ledger.position == 1
+    with Ledger.open(settings) as ledger:
+        assert ledger.append([make_event("cus_new", "chat_message")]).accepted == 1
+        assert ledger.history("cus_new")[0].payload["text"] == "hello"
     malformed = settings.model_copy(update={"master_key": "too-short"})
     with pytest.raises(LedgerError, match="LEDGER_MASTER_KEY"):
         Ledger.open(malformed)
