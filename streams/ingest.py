@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ from ledger.settings import Settings
 
 log = logging.getLogger("ledger.ingest")
 
+#: Exit status when a batch could not be stored (the worker must be restarted).
+EXIT_BATCH_FAILED = 70
 #: How long a partial batch waits for more messages before it is appended.
 BATCH_WINDOW_S = 0.2
 
@@ -254,6 +257,34 @@ def create_app(settings: Settings | None = None) -> IngestApp:
         key_serializer="raw",
     )
 
+    async def handle(proc: IngestProcessor, messages: list[Message]) -> None:
+        t_start = time.perf_counter()
+        batch = await asyncio.to_thread(proc.prepare, messages)
+        t_prepared = time.perf_counter()
+        if batch.dead:
+            sent = [
+                await dlq.send(key=d.message.key, value=d.message.value, headers=d.headers())
+                for d in batch.dead
+            ]
+            # The dead letters must be on the broker before the offsets move past them.
+            await asyncio.gather(*sent)
+        t_sent = time.perf_counter()
+        accepted, duplicates = await asyncio.to_thread(proc.commit, batch, messages)
+        t_done = time.perf_counter()
+        # The timings show where a worker spends its time (bench/streaming.py sums them).
+        log.info(
+            "batch of %d: %d appended, %d duplicates, %d dead-lettered, %d already applied"
+            " (validate %.1f ms, dead letters %.1f ms, append %.1f ms)",
+            len(messages),
+            accepted,
+            duplicates,
+            len(batch.dead),
+            batch.skipped,
+            (t_prepared - t_start) * 1000,
+            (t_sent - t_prepared) * 1000,
+            (t_done - t_sent) * 1000,
+        )
+
     @app.agent(source)
     async def ingest(stream: Any) -> None:
         proc = await asyncio.to_thread(lambda: app.processor)
@@ -269,32 +300,15 @@ def create_app(settings: Settings | None = None) -> IngestApp:
                 )
                 for e in events
             ]
-            t_start = time.perf_counter()
-            batch = await asyncio.to_thread(proc.prepare, messages)
-            t_prepared = time.perf_counter()
-            if batch.dead:
-                sent = [
-                    await dlq.send(key=d.message.key, value=d.message.value, headers=d.headers())
-                    for d in batch.dead
-                ]
-                # The dead letters must be on the broker before the offsets move past them.
-                await asyncio.gather(*sent)
-            t_sent = time.perf_counter()
-            accepted, duplicates = await asyncio.to_thread(proc.commit, batch, messages)
-            t_done = time.perf_counter()
-            # The timings show where a worker spends its time (bench/streaming.py sums them).
-            log.info(
-                "batch of %d: %d appended, %d duplicates, %d dead-lettered, %d already applied"
-                " (validate %.1f ms, dead letters %.1f ms, append %.1f ms)",
-                len(messages),
-                accepted,
-                duplicates,
-                len(batch.dead),
-                batch.skipped,
-                (t_prepared - t_start) * 1000,
-                (t_sent - t_prepared) * 1000,
-                (t_done - t_sent) * 1000,
-            )
+            try:
+                await handle(proc, messages)
+            except Exception:
+                # faust would restart the agent *after* these messages, and the next batch
+                # would record offsets past them: lost. Exit instead; a restarted worker
+                # seeks to the ledger's offsets and reads them again.
+                log.exception("a batch could not be stored; exiting to resume from the ledger")
+                logging.shutdown()
+                os._exit(EXIT_BATCH_FAILED)
 
     return app
 

@@ -20,11 +20,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
+import psycopg
 import pytest
 from kafka import KafkaProducer
-from streams.ingest import tracking_name
+from streams.ingest import EXIT_BATCH_FAILED, tracking_name
 
 from broker import TEST_CLIENT_ENV, read_topic
 from conftest import TEST_MASTER_KEY, build_event
@@ -366,3 +368,38 @@ def test_two_workers_share_partitions_and_the_survivor_takes_over(
         survivor = workers.logs[1].read_text()
         assert len(_last_assignment(survivor)) == stream_settings.partitions, survivor[-2000:]
         assert second.poll() is None
+
+
+def test_a_batch_the_database_refuses_stops_the_worker_and_a_restart_loses_nothing(
+    stream_settings: Settings, workers: Workers
+) -> None:
+    """PostgreSQL turning read-only mid-stream (a failover, say): the worker must not skip
+    the batch it could not store; it exits, and its restart resumes from the ledger."""
+    url = urlsplit(stream_settings.store_url or "")
+    database = url.path.lstrip("/")
+    admin = psycopg.connect(
+        host=url.hostname, port=url.port, user=url.username, dbname="postgres", autocommit=True
+    )
+    total = 6_000
+    try:
+        with Ledger.open(stream_settings) as ledger:
+            process = workers.start()
+            feed = publish_feed(stream_settings, total, rate=2_000, seed=3)
+            _wait(lambda: _positions(ledger) >= total // 5, 90, "a fifth ingested", workers)
+        admin.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        )
+        assert process.wait(60) == EXIT_BATCH_FAILED, workers.tails()
+        workers.killed.add(process.pid)
+        assert "a batch could not be stored" in workers.logs[0].read_text()
+        admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        with Ledger.open(stream_settings) as ledger:
+            workers.start()
+            _wait(_caught_up(ledger, stream_settings, feed), 120, "catching up", workers)
+            _assert_exactly_once(ledger, stream_settings, feed)
+    finally:
+        admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        admin.close()
