@@ -119,6 +119,14 @@ def test_segment_python_library_unchanged_lands_typed_events(
     assert len({e.customer_id for e in mine}) == 1  # one user id, one customer
 
 
+def test_event_id_is_uuid5_of_source_and_message_id() -> None:
+    from ledger.collector.touch import EVENT_NAMESPACE
+
+    for source, message in [("website", "m-1"), ("shop", str(uuid.uuid4())), ("s", "é✓")]:
+        expected = uuid.uuid5(EVENT_NAMESPACE, f"{source}\n{message}\n")
+        assert event_id(source, message) == str(expected)
+
+
 def test_message_id_is_the_idempotency_key_across_retries(
     served: tuple[Server, dict[str, str]],
 ) -> None:

@@ -98,14 +98,10 @@ async def segment_batch(request: Request) -> Response:
                 f"{MAX_EVENT_BYTES // 1024} KB per event",
             )
         try:
-            touches.append(
-                (
-                    index,
-                    segment.map_message(
-                        msg, source=source.name, received_at=received, batch_sent_at=sent_at
-                    ),
-                )
+            touch = segment.map_message(
+                msg, source=source.name, received_at=received, batch_sent_at=sent_at, raw=raw
             )
+            touches.append((index, touch))
         except MappingError as exc:
             problems.append(Problem(index, exc.problems, None, raw))
     return await collector.store(source, touches, problems)

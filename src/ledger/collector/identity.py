@@ -2,8 +2,8 @@
 
 The graph links identifiers (user ids, normalised emails, E.164 phones,
 ``network:handle`` social handles, anonymous ids) to customers. It is kept in
-the collector's own tables, identifiers only as keyed hashes (HMAC-SHA256
-under a key derived from the ledger's master key): the tables say which
+the collector's own tables, identifiers only as keyed hashes (BLAKE2b keyed
+with a key derived from the ledger's master key): the tables say which
 identifiers belong together without holding a single email or number; the
 values themselves live, encrypted, in the ledger's events.
 
@@ -95,7 +95,7 @@ TABLES = [
 
 
 def identity_key(settings: Settings) -> bytes:
-    """The HMAC key of identifier hashes; derived so it changes with the master key."""
+    """The key of identifier hashes; derived so it changes with the master key."""
     try:
         master = kr.load_master_key(settings.master_key, settings.key_file)
     except (kr.KeyError_, ValueError) as exc:
@@ -110,7 +110,10 @@ class Pseudonyms:
         self._key = key
 
     def digest(self, kind: str, value: str) -> str:
-        return hmac.new(self._key, f"{kind}\n{value}".encode(), hashlib.sha256).hexdigest()
+        # Keyed BLAKE2b is a MAC in one C call, several times cheaper than hmac.new per id.
+        return hashlib.blake2b(
+            f"{kind}\n{value}".encode(), key=self._key, digest_size=32
+        ).hexdigest()
 
     def customer_id(self, kind: str, value: str) -> str:
         return "cus_" + self.digest(kind, value)[:20]
@@ -386,9 +389,20 @@ class GraphResolver:
         pending, self._pending = self._pending, _Pending()
         if not pending.sql:
             return
+        # Inserts commute with each other, so each kind goes as one executemany (a batch of
+        # new visitors is two calls); an update (a merge) must see every insert before it.
         with self.db.transaction():
+            buckets: dict[str, list[tuple[Any, ...]]] = {}
             for sql, params in pending.sql:
+                if sql.startswith("INSERT"):
+                    buckets.setdefault(sql, []).append(params)
+                    continue
+                for insert, rows in buckets.items():
+                    self.db.executemany(insert, rows)
+                buckets.clear()
                 self.db.execute(sql, params)
+            for insert, rows in buckets.items():
+                self.db.executemany(insert, rows)
 
     def rollback(self) -> None:
         self._reset()

@@ -150,8 +150,12 @@ def map_message(
     received_at: dt.datetime,
     call: str | None = None,
     batch_sent_at: Any = None,
+    raw: bytes | None = None,
 ) -> Touch:
-    """One Segment message (``call`` from the URL, or ``msg["type"]`` inside a batch)."""
+    """One Segment message (``call`` from the URL, or ``msg["type"]`` inside a batch).
+
+    ``raw`` is the message's JSON when the caller already has it (kept for dead letters).
+    """
     if not isinstance(msg, dict):
         raise MappingError([f"message: expected a JSON object, got {type(msg).__name__}"])
     kind = call or msg.get("type")
@@ -226,4 +230,4 @@ def map_message(
     }
     if envelope_ids:
         event["identifiers"] = envelope_ids
-    return Touch(event=event, ids=ids, raw=orjson.dumps(msg))
+    return Touch(event=event, ids=ids, raw=raw if raw is not None else orjson.dumps(msg))

@@ -1,0 +1,268 @@
+"""Collector benchmark: sustained /v1/batch throughput and latency, beside direct appends.
+
+    .venv/bin/python bench/collector.py --requests 600 --connections 8
+
+Runs, on the same generated Segment messages (100 per request, page and track
+calls from 10 visitors each, so the identity graph links repeat visitors):
+
+* collector - ``ledger serve`` in its own process (SQLite ledger in a temp dir),
+              loaded over loopback by a *separate* load-generating process
+              holding ``--connections`` keep-alive connections; events/s over
+              the whole run and p50/p99 request latency; afterwards the ledger's
+              event count must equal the count the server acknowledged;
+* baseline  - ``Ledger.append`` of the same messages, already mapped to contract
+              events and resolved, in batches of 100 in this process: the
+              ledger's own cost with no HTTP, JSON or identity graph.
+
+Generation is not timed: request bodies are encoded before the clock starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+BATCH = 100
+MASTER_KEY = "c" * 64
+
+
+def messages(request: int) -> list[dict[str, Any]]:
+    out = []
+    stamp = "2026-11-01T10:00:00.000Z"
+    for i in range(BATCH):
+        visitor = f"anon-{request}-{i % 10}"
+        common = {"anonymousId": visitor, "messageId": str(uuid.uuid4()), "timestamp": stamp}
+        if i % 2:
+            out.append(
+                {
+                    "type": "page",
+                    "name": "Pricing",
+                    "properties": {"url": f"https://shop.example/p/{i}", "title": "Pricing"},
+                    **common,
+                }
+            )
+        else:
+            out.append(
+                {
+                    "type": "track",
+                    "event": "Product Viewed",
+                    "properties": {"product_id": f"sku-{i}", "price": 19.5},
+                    **common,
+                }
+            )
+    return out
+
+
+def bodies(count: int) -> list[bytes]:
+    sent = "2026-11-01T10:00:01.000Z"
+    return [orjson.dumps({"batch": messages(n), "sentAt": sent}) for n in range(count)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- load generator
+
+
+def load(port: int, key: str, path: Path, connections: int, out: Path) -> None:
+    """The separate process: post every body in ``path`` over ``connections`` connections."""
+    payloads = [line for line in path.read_bytes().split(b"\n") if line]
+    auth = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+    latencies: list[float] = []
+    acked = 0
+    failures: list[str] = []
+    lock = threading.Lock()
+    cursor = iter(range(len(payloads)))
+
+    def worker() -> None:
+        nonlocal acked
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while True:
+            with lock:
+                n = next(cursor, None)
+            if n is None:
+                break
+            began = time.perf_counter()
+            conn.request(
+                "POST",
+                "/v1/batch",
+                payloads[n],
+                {"Authorization": auth, "Content-Type": "application/json"},
+            )
+            response = conn.getresponse()
+            body = response.read()
+            took = time.perf_counter() - began
+            with lock:
+                latencies.append(took)
+                if response.status == 200:
+                    acked += int(orjson.loads(body)["stored"])
+                else:
+                    failures.append(f"{response.status} {body[:200]!r}")
+        conn.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    out.write_text(
+        json.dumps(
+            {"elapsed": elapsed, "latencies": latencies, "acked": acked, "failures": failures}
+        )
+    )
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_collector(work: Path, payloads: list[bytes], connections: int) -> dict[str, Any]:
+    from ledger.collector.auth import SourceRegistry
+    from ledger.collector.db import CollectorDB
+    from ledger.ledger import Ledger
+    from ledger.settings import Settings
+
+    home = work / "collector"
+    settings = Settings(home=home, master_key=MASTER_KEY)
+    with Ledger.open(settings):
+        pass
+    db = CollectorDB(settings)
+    _, key = SourceRegistry(db).add("bench-site", ["web"])
+    db.close()
+    bodies_file = work / "bodies.jsonl"
+    bodies_file.write_bytes(b"\n".join(payloads) + b"\n")
+    port = free_port()
+    env = {**os.environ, "LEDGER_HOME": str(home), "LEDGER_MASTER_KEY": MASTER_KEY}
+    env.pop("LEDGER_STORE_URL", None)
+    env.pop("LEDGER_KAFKA", None)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ledger", "serve", "--port", str(port)],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the collector did not start") from None
+                time.sleep(0.1)
+        result_file = work / "load.json"
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--load",
+                str(port),
+                key,
+                str(bodies_file),
+                str(connections),
+                str(result_file),
+            ],
+            check=True,
+        )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+    result = json.loads(result_file.read_text())
+    with Ledger.open(settings) as ledger:
+        result["in_ledger"] = ledger.store.max_position()
+    return result
+
+
+def run_baseline(work: Path, payloads: list[bytes]) -> dict[str, Any]:
+    from ledger.collector import segment
+    from ledger.collector.db import CollectorDB
+    from ledger.collector.identity import GraphResolver, Pseudonyms, identity_key
+    from ledger.ledger import Ledger
+    from ledger.settings import Settings
+
+    settings = Settings(home=work / "baseline", master_key=MASTER_KEY)
+    received = dt.datetime.now(dt.UTC)
+    db = CollectorDB(settings)
+    resolver = GraphResolver(db, Pseudonyms(identity_key(settings)))
+    batches = []
+    for body in payloads:
+        touches = [
+            segment.map_message(m, source="bench-site", received_at=received)
+            for m in orjson.loads(body)["batch"]
+        ]
+        resolver.resolve(touches)
+        batches.append([t.event for t in touches])
+    resolver.rollback()
+    db.close()
+    with Ledger.open(settings) as ledger:
+        began = time.perf_counter()
+        for batch in batches:
+            ledger.append(batch)
+        elapsed = time.perf_counter() - began
+        count = ledger.store.max_position()
+    return {"elapsed": elapsed, "events": count}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--load":
+        port, key, path, connections, out = sys.argv[2:7]
+        load(int(port), key, Path(path), int(connections), Path(out))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=600, help="requests of 100 events")
+    parser.add_argument("--connections", type=int, default=8, help="concurrent connections")
+    args = parser.parse_args()
+    payloads = bodies(args.requests)
+    events = args.requests * BATCH
+    with tempfile.TemporaryDirectory(prefix="ledger-bench-collector-") as tmp:
+        work = Path(tmp)
+        collected = run_collector(work, payloads, args.connections)
+        baseline = run_baseline(work, payloads)
+    rate = collected["acked"] / collected["elapsed"]
+    base_rate = baseline["events"] / baseline["elapsed"]
+    lat = collected["latencies"]
+    print(f"events sent                {events:,} in {args.requests:,} requests of {BATCH}")
+    print(
+        f"collector /v1/batch        {rate:,.0f} events/s over {collected['elapsed']:.1f} s, "
+        f"{args.connections} connections"
+    )
+    print(
+        f"  request latency          p50 {pct(lat, 0.50) * 1000:.1f} ms, "
+        f"p99 {pct(lat, 0.99) * 1000:.1f} ms, max {max(lat) * 1000:.1f} ms"
+    )
+    print(f"  acknowledged / in ledger {collected['acked']:,} / {collected['in_ledger']:,}")
+    print(f"  failed requests          {len(collected['failures'])}")
+    print(f"baseline Ledger.append     {base_rate:,.0f} events/s (batches of {BATCH})")
+    print(f"collector / baseline       {rate / base_rate:.2f}")
+    if collected["acked"] != collected["in_ledger"] or collected["failures"]:
+        print("MISMATCH: acknowledged events are not all in the ledger", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
