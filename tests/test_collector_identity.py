@@ -244,7 +244,10 @@ def test_stitching_over_http_and_ledger_identities(served: tuple[Server, dict[st
         }
     ]
     batch(keys["email"], "/webhooks/sendgrid", sendgrid)
-    server.stop()
+    logged = server.stop()
+    # '"POST ' would be an access-log line, which carries the client's address.
+    for personal in ("dana@example.com", "Dana", "u-42", "cookie-1", '"POST '):
+        assert personal not in logged, f"the collector logged {personal!r}"
 
     with Ledger.open(Settings(home=server.home, master_key=TEST_MASTER_KEY)) as ledger:
         recorded = ledger.read(0, 1000, decrypt=True)

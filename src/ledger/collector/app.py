@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
@@ -47,9 +46,6 @@ from ledger.contract import MAX_EVENT_BYTES
 from ledger.deadletter import DeadLetters
 from ledger.ledger import Ledger
 from ledger.settings import Settings
-
-log = logging.getLogger("ledger.collector")
-
 
 # --------------------------------------------------------------------------- Segment routes
 
@@ -144,12 +140,4 @@ def create_app(settings: Settings | None = None, limits: dict[str, int] | None =
             db.close()
             keys_db.close()
 
-    async def server_error(request: Request, exc: Exception) -> Response:
-        log.error("unexpected %s on %s", type(exc).__name__, request.url.path)
-        return JSONResponse(
-            {"success": False, "code": "internal", "message": "internal error; retry later"}, 500
-        )
-
-    return Starlette(
-        routes=routes(), lifespan=lifespan, exception_handlers={Exception: server_error}
-    )
+    return Starlette(routes=routes(), lifespan=lifespan)

@@ -169,6 +169,14 @@ def guarded(
             return await handler(request)
         except Refusal as exc:
             return refusal_response(exc)
+        except Exception as exc:
+            # Answered here, not by Starlette's error middleware, which re-raises for the
+            # server to log a traceback whose messages may quote personal data.
+            log.error("unexpected %s on %s", type(exc).__name__, request.url.path)
+            return JSONResponse(
+                {"success": False, "code": "internal", "message": "internal error; retry later"},
+                500,
+            )
 
     endpoint.__name__ = handler.__name__
     return endpoint
