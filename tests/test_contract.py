@@ -323,3 +323,24 @@ def test_text_that_cannot_be_utf8_is_rejected_not_crashing(
     assert result.accepted == 1
     [rejection] = result.rejected
     assert rejection.index == 0 and "UTF-8" in rejection.reason
+
+
+def test_null_optional_fields_count_as_absent(make_event: MakeEvent, ledger: Ledger) -> None:
+    data = make_event(
+        "cus_nulls",
+        "page_viewed",
+        payload={"url": "https://shop.example/a", "title": None, "referrer": None},
+        identifiers={"email": None, "anonymous_id": "anon-1"},
+    )
+    data["schema_version"] = None
+    event = parse_event(data)
+    assert event.payload == {"url": "https://shop.example/a"}
+    assert event.identifiers == {"anonymous_id": "anon-1"}
+    assert "schema_version" not in event
+    assert ledger.append([data]).accepted == 1
+    [stored] = ledger.history("cus_nulls")
+    assert stored.payload == {"url": "https://shop.example/a"}
+    # A required field is still required when sent as null.
+    assert only_problem(make_event("cus_nulls", "page_viewed", payload={"url": None})).startswith(
+        "payload.url:"
+    )

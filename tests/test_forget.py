@@ -206,3 +206,18 @@ def test_global_log_read_never_exposes_a_forgotten_customer(
             e for e in events if e.customer_id == "cus_bob" and e.type == "chat_message"
         )
         assert ("text" in bob_chat.payload) is decrypt
+
+
+def test_global_log_read_honours_a_forget_by_another_ledger(
+    settings: Settings, make_event: MakeEvent
+) -> None:
+    """A projection runner reading the log must not decrypt with a key it cached before
+    another process destroyed it."""
+    fill(settings, make_event)
+    with Ledger.open(settings) as runner, Ledger.open(settings) as admin:
+        before = [e for e in runner.read(limit=100, decrypt=True) if e.customer_id == "cus_alice"]
+        assert any(e.identifiers for e in before)  # decrypted, key now cached in `runner`
+        assert admin.forget("cus_alice")
+        after = [e for e in runner.read(limit=100, decrypt=True) if e.customer_id == "cus_alice"]
+        assert after and all(e.identifiers is None for e in after)
+        assert any(e.erased for e in after)

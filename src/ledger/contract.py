@@ -12,9 +12,11 @@ Choices a user should know about:
 * ``channel`` must be the channel the ``type`` belongs to (:data:`CHANNEL_OF`).
 * Money is ``{"amount": "19.99", "currency": "EUR"}``: the amount a decimal
   string (or an integer), never a binary float; the currency an ISO 4217 code.
-* Unknown fields: in strict mode they are rejected, naming each one; otherwise
-  they are kept, encrypted, in the stored event's ``extra`` bag so nothing a
-  producer sent is silently lost.
+* Unknown fields at the top level and in the payload: in strict mode they are
+  rejected, naming each one; otherwise they are kept, encrypted, in the stored
+  event's ``extra`` bag so nothing a producer sent is silently lost.
+  ``identifiers`` and money objects are closed: an unknown field there is an error.
+* An optional field sent as ``null`` counts as absent.
 * An event is at most :data:`MAX_EVENT_BYTES` bytes of JSON.
 * Fields marked personal (identifiers, names, message bodies, free text) are
   encrypted per customer by the ledger; see :data:`PERSONAL_FIELDS`.
@@ -144,14 +146,17 @@ class Money(TypedDict):
 class Identifiers(TypedDict, total=False):
     """Ways the channel knows the person. All of it is personal data (encrypted at rest)."""
 
-    email: Annotated[str, Field(max_length=320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
-    phone: Annotated[
-        str, Field(pattern=r"^\+[1-9][0-9]{6,14}$", description="E.164, e.g. +4915112345678.")
-    ]
-    anonymous_id: Annotated[str, Field(max_length=200)]
-    user_id: Annotated[str, Field(max_length=200)]
-    social_handle: Annotated[str, Field(max_length=200)]
-    name: Name
+    email: Annotated[str, Field(max_length=320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")] | None
+    phone: (
+        Annotated[
+            str, Field(pattern=r"^\+[1-9][0-9]{6,14}$", description="E.164, e.g. +4915112345678.")
+        ]
+        | None
+    )
+    anonymous_id: Annotated[str, Field(max_length=200)] | None
+    user_id: Annotated[str, Field(max_length=200)] | None
+    social_handle: Annotated[str, Field(max_length=200)] | None
+    name: Name | None
 
 
 # --------------------------------------------------------------------------- payloads
@@ -162,35 +167,37 @@ class Identifiers(TypedDict, total=False):
 @with_config(_ALLOW)
 class PageViewed(TypedDict):
     url: Url
-    title: NotRequired[Annotated[str, Field(max_length=500)]]
-    referrer: NotRequired[Annotated[str, Field(max_length=2048)]]
-    duration_ms: NotRequired[Annotated[int, Field(ge=0)]]
+    title: NotRequired[Annotated[str, Field(max_length=500)] | None]
+    referrer: NotRequired[Annotated[str, Field(max_length=2048)] | None]
+    duration_ms: NotRequired[Annotated[int, Field(ge=0)] | None]
 
 
 @with_config(_ALLOW)
 class FormSubmitted(TypedDict):
     form_id: Id
-    url: NotRequired[Annotated[str, Field(max_length=2048)]]
-    fields: NotRequired[Annotated[dict[str, Text], Field(description="What the person typed.")]]
+    url: NotRequired[Annotated[str, Field(max_length=2048)] | None]
+    fields: NotRequired[
+        Annotated[dict[str, Text], Field(description="What the person typed.")] | None
+    ]
 
 
 @with_config(_ALLOW)
 class EmailSent(TypedDict):
     message_id: Id
-    campaign_id: NotRequired[Id]
-    subject: NotRequired[Annotated[str, Field(max_length=500)]]
+    campaign_id: NotRequired[Id | None]
+    subject: NotRequired[Annotated[str, Field(max_length=500)] | None]
 
 
 @with_config(_ALLOW)
 class EmailOpened(TypedDict):
     message_id: Id
-    campaign_id: NotRequired[Id]
+    campaign_id: NotRequired[Id | None]
 
 
 @with_config(_ALLOW)
 class EmailClicked(TypedDict):
     message_id: Id
-    campaign_id: NotRequired[Id]
+    campaign_id: NotRequired[Id | None]
     url: Url
 
 
@@ -198,7 +205,7 @@ class EmailClicked(TypedDict):
 class EmailBounced(TypedDict):
     message_id: Id
     bounce_type: Literal["hard", "soft"]
-    reason: NotRequired[Annotated[str, Field(max_length=1000)]]
+    reason: NotRequired[Annotated[str, Field(max_length=1000)] | None]
 
 
 @with_config(_ALLOW)
@@ -206,7 +213,7 @@ class ChatMessage(TypedDict):
     conversation_id: Id
     direction: Literal["inbound", "outbound"]
     text: Text
-    agent_id: NotRequired[Id]
+    agent_id: NotRequired[Id | None]
 
 
 @with_config(_ALLOW)
@@ -215,50 +222,50 @@ class CallCompleted(TypedDict):
     direction: Literal["inbound", "outbound"]
     duration_seconds: Annotated[int, Field(ge=0, le=86_400)]
     outcome: Literal["answered", "voicemail", "missed", "busy", "failed"]
-    notes: NotRequired[Text]
+    notes: NotRequired[Text | None]
 
 
 @with_config(_ALLOW)
 class SocialMention(TypedDict):
     network: Literal["x", "facebook", "instagram", "linkedin", "tiktok", "reddit", "other"]
-    url: NotRequired[Annotated[str, Field(max_length=2048)]]
+    url: NotRequired[Annotated[str, Field(max_length=2048)] | None]
     text: Text
-    sentiment: NotRequired[Literal["positive", "neutral", "negative"]]
+    sentiment: NotRequired[Literal["positive", "neutral", "negative"] | None]
 
 
 @with_config(_ALLOW)
 class OrderPlaced(TypedDict):
     order_id: Id
     total: Money
-    items: NotRequired[Annotated[int, Field(ge=1, le=10_000)]]
+    items: NotRequired[Annotated[int, Field(ge=1, le=10_000)] | None]
 
 
 @with_config(_ALLOW)
 class OrderRefunded(TypedDict):
     order_id: Id
     amount: Money
-    reason: NotRequired[Text]
+    reason: NotRequired[Text | None]
 
 
 @with_config(_ALLOW)
 class TicketOpened(TypedDict):
     ticket_id: Id
-    subject: NotRequired[Text]
-    priority: NotRequired[Literal["low", "normal", "high", "urgent"]]
+    subject: NotRequired[Text | None]
+    priority: NotRequired[Literal["low", "normal", "high", "urgent"] | None]
 
 
 @with_config(_ALLOW)
 class TicketResolved(TypedDict):
     ticket_id: Id
-    resolution: NotRequired[Literal["solved", "wont_fix", "duplicate", "no_response"]]
-    satisfaction: NotRequired[Annotated[int, Field(ge=1, le=5)]]
+    resolution: NotRequired[Literal["solved", "wont_fix", "duplicate", "no_response"] | None]
+    satisfaction: NotRequired[Annotated[int, Field(ge=1, le=5)] | None]
 
 
 @with_config(_ALLOW)
 class ConsentChanged(TypedDict):
     purpose: Literal["email_marketing", "sms_marketing", "call_marketing", "tracking", "profiling"]
     status: Literal["granted", "withdrawn"]
-    basis: NotRequired[Literal["consent", "contract", "legitimate_interest"]]
+    basis: NotRequired[Literal["consent", "contract", "legitimate_interest"] | None]
 
 
 @with_config(_ALLOW)
@@ -267,13 +274,15 @@ class WebEvent(TypedDict):
 
     action: Literal["track", "screen", "group"]
     name: Annotated[str, Field(min_length=1, max_length=500)]
-    properties: NotRequired[Annotated[dict[str, Any], Field(description="As the site sent them.")]]
+    properties: NotRequired[
+        Annotated[dict[str, Any], Field(description="As the site sent them.")] | None
+    ]
 
 
 @with_config(_ALLOW)
 class EmailDelivered(TypedDict):
     message_id: Id
-    campaign_id: NotRequired[Id]
+    campaign_id: NotRequired[Id | None]
 
 
 @with_config(_ALLOW)
@@ -281,7 +290,7 @@ class IdentityLinked(TypedDict):
     """A channel said who someone is (Segment identify/alias); identifiers ride in the envelope."""
 
     via: Literal["identify", "alias"]
-    traits: NotRequired[Annotated[dict[str, Any], Field(description="Profile traits sent.")]]
+    traits: NotRequired[Annotated[dict[str, Any], Field(description="Profile traits sent.")] | None]
 
 
 @with_config(_ALLOW)
@@ -298,14 +307,14 @@ class IdentityLinkRefused(TypedDict):
 
     identifier_type: Annotated[str, Field(max_length=50)]
     limit: Annotated[int, Field(ge=0)]
-    other_customer_id: NotRequired[CustomerId]
+    other_customer_id: NotRequired[CustomerId | None]
 
 
 @with_config(_ALLOW)
 class CustomerForgotten(TypedDict):
     """Written by ``ledger forget``: the data key was destroyed (crypto-shredding)."""
 
-    reason: NotRequired[Annotated[str, Field(max_length=500)]]
+    reason: NotRequired[Annotated[str, Field(max_length=500)] | None]
 
 
 # --------------------------------------------------------------------------- event types
@@ -382,9 +391,9 @@ def _event_schema(type_name: str, channel: str, payload: type) -> type:
         "source": Annotated[
             str, Field(min_length=1, max_length=200, description=_ENVELOPE_DOCS["source"])
         ],
-        "identifiers": NotRequired[Identifiers],
+        "identifiers": NotRequired[Identifiers | None],
         "payload": payload,
-        "schema_version": NotRequired[Literal[1]],
+        "schema_version": NotRequired[Literal[1] | None],
     }
     name = "".join(part.capitalize() for part in type_name.split("_")) + "Event"
     schema = with_config(_ALLOW)(TypedDict(name, fields))  # type: ignore[operator]
@@ -506,8 +515,25 @@ def extras_of(event: dict[str, Any]) -> dict[str, Any]:
     return extra
 
 
+def _drop_nulls(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if v is not None}
+
+
 def _finish(event: dict[str, Any], strict: bool, now: dt.datetime | None) -> Event:
-    """Checks pydantic cannot express cheaply: time range, strictness; UTC normalisation."""
+    """Checks pydantic cannot express cheaply: time range, strictness; UTC normalisation.
+
+    An optional field sent as JSON null means "absent" (as most producers' libraries send
+    it): nulls are dropped here so stored events and projections never see them.
+    """
+    if None in event.values():
+        event = _drop_nulls(event)
+    if None in event["payload"].values():
+        event["payload"] = _drop_nulls(event["payload"])
+    identifiers = event.get("identifiers")
+    if identifiers is not None and None in identifiers.values():
+        event["identifiers"] = _drop_nulls(identifiers) or None
+        if event["identifiers"] is None:
+            del event["identifiers"]
     try:
         occurred = event["occurred_at"].astimezone(dt.UTC)
     except OverflowError:

@@ -340,7 +340,11 @@ class Ledger:
 
     # ------------------------------------------------------------------ reading
 
-    def decode(self, row: StoredRow, *, decrypt: bool = True) -> RecordedEvent:
+    def decode(
+        self, row: StoredRow, *, decrypt: bool = True, ciphers: dict[str, Any] | None = None
+    ) -> RecordedEvent:
+        """A stored row as a :class:`RecordedEvent`; ``ciphers`` (customer -> cipher, from
+        keys read for this page) overrides the per-customer key lookup."""
         body, digest = unseal(row.state)
         rec = orjson.loads(body)
         blob = rec.get("personal")
@@ -348,7 +352,11 @@ class Ledger:
         erased = sealed = False
         if blob:
             if decrypt:
-                cipher = self._cipher(row.customer_id)
+                cipher = (
+                    ciphers.get(row.customer_id)
+                    if ciphers is not None
+                    else self._cipher(row.customer_id)
+                )
                 if cipher is None:
                     erased = True
                 else:
@@ -422,8 +430,17 @@ class Ledger:
     def read(
         self, after: int = 0, limit: int = 1_000, *, decrypt: bool = False
     ) -> list[RecordedEvent]:
-        """The global log: events with position > ``after``, in position order."""
-        return [self.decode(r, decrypt=decrypt) for r in self.store.read_log(after, limit)]
+        """The global log: events with position > ``after``, in position order.
+
+        With ``decrypt``, the page's keys are read from the store (not the cache), so a
+        customer forgotten by another process reads as erased at once.
+        """
+        rows = self.store.read_log(after, limit)
+        if not decrypt:
+            return [self.decode(r, decrypt=False) for r in rows]
+        live = self.store.read_wrapped_keys(list({r.customer_id for r in rows}))
+        ciphers = {c: self._unwrap(c, wrapped) for c, wrapped in live.items()}
+        return [self.decode(r, ciphers=ciphers) for r in rows]
 
     def read_raw(self, after: int = 0, limit: int = 10_000) -> list[StoredRow]:
         """The global log as stored rows (sealed bytes), for bulk readers such as projections."""
