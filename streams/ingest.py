@@ -30,7 +30,7 @@ import datetime as dt
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -103,15 +103,35 @@ def tracking_name(topic: str, partition: int) -> str:
     return f"kafka:{topic}:{partition}"
 
 
-class IngestProcessor:
-    """The broker-independent half of the worker: filter, validate, append with offsets."""
+#: ``probe(partition, offset)``: the first offset >= ``offset`` the broker holds (None: none).
+Probe = Callable[[int, int], "int | None"]
+#: While waiting for a partition to come back from a seek, how often to repeat the seek.
+RESEEK_EVERY_S = 1.0
 
-    def __init__(self, ledger: Ledger, topic: str, *, strict: bool = False) -> None:
+
+class IngestProcessor:
+    """The broker-independent half of the worker: filter, validate, append with offsets.
+
+    Each partition must continue exactly after the offset the ledger holds. A message past
+    that point with a hole before it is checked with ``probe``: a hole the broker also has
+    (transaction markers, compaction) is skipped; records the consumer failed to deliver
+    (a seek racing its fetcher) make the partition wait, seek back and read them again,
+    so an offset is never recorded past a message that was not appended.
+    """
+
+    def __init__(
+        self, ledger: Ledger, topic: str, *, strict: bool = False, probe: Probe | None = None
+    ) -> None:
         self.ledger = ledger
         self.topic = topic
         self.strict = strict
+        self.probe = probe
         #: partition -> last offset the ledger holds (None: nothing yet), as last read/written.
         self.stored: dict[int, int | None] = {}
+        #: partition -> the offset it must deliver next after a seek back; others are stale.
+        self.resync: dict[int, int] = {}
+        self._reseek_at: dict[int, float] = {}
+        self.seeks: dict[int, int] = {}
 
     def refresh(self, partitions: Iterable[int]) -> dict[int, int | None]:
         """Re-read the stored offsets of ``partitions`` from the ledger."""
@@ -122,24 +142,70 @@ class IngestProcessor:
     def resume_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
         """Where to start reading each partition: just past what the ledger holds."""
         stored = self.refresh(list(partitions))
+        for p in stored:
+            self.resync.pop(p, None)
         return {p: 0 if last is None else last + 1 for p, last in stored.items()}
 
     def prepare(self, messages: Iterable[Message]) -> Batch:
         batch = Batch()
+        expected: dict[int, int | None] = {}
+        blocked: set[int] = set()
         for m in messages:
-            if m.partition not in self.stored:
-                self.refresh([m.partition])
-            done = self.stored[m.partition]
-            if done is not None and m.offset <= done:
+            p = m.partition
+            if p not in self.stored:
+                self.refresh([p])
+            if p not in expected:
+                done = self.stored[p]
+                expected[p] = None if done is None else done + 1
+            if p in blocked:
                 batch.skipped += 1
                 continue
-            if m.offset > batch.last_offsets.get(m.partition, -1):
-                batch.last_offsets[m.partition] = m.offset
+            want = self.resync.get(p)
+            if want is not None:
+                if m.offset != want:
+                    batch.skipped += 1
+                    self._seek_again(p, want)
+                    continue
+                del self.resync[p]
+            nxt = expected[p]
+            if nxt is not None and m.offset < nxt:
+                batch.skipped += 1
+                continue
+            if nxt is not None and m.offset > nxt and self.probe is not None:
+                first = self.probe(p, nxt)
+                if first is not None and first < m.offset:
+                    log.warning(
+                        "partition %d: offsets %d..%d were not delivered; seeking back",
+                        p,
+                        first,
+                        m.offset - 1,
+                    )
+                    blocked.add(p)
+                    self.resync[p] = first
+                    self._seek_again(p, first)
+                    batch.skipped += 1
+                    continue
+            expected[p] = m.offset + 1
+            if m.offset > batch.last_offsets.get(p, -1):
+                batch.last_offsets[p] = m.offset
             try:
                 batch.valid.append(parse_line(m.value, strict=self.strict))
             except ContractError as exc:
                 batch.dead.append(DeadLetter(m, exc.problems))
         return batch
+
+    def _seek_again(self, partition: int, offset: int) -> None:
+        # Stale messages fetched before the seek may still be queued and move the consumer's
+        # read position on: repeat the seek now and then until the wanted offset shows up.
+        now = time.monotonic()
+        if now - self._reseek_at.get(partition, 0.0) >= RESEEK_EVERY_S:
+            self._reseek_at[partition] = now
+            self.seeks[partition] = offset
+
+    def take_seeks(self) -> dict[int, int]:
+        """Seeks the consumer must do now: partition -> offset."""
+        seeks, self.seeks = self.seeks, {}
+        return seeks
 
     def commit(self, batch: Batch, messages: Sequence[Message]) -> tuple[int, int]:
         """Append the batch with its offsets; returns (accepted, duplicates)."""
@@ -163,6 +229,33 @@ class IngestProcessor:
 
 
 # --------------------------------------------------------------------------- faust wiring
+
+
+class BrokerProbe:
+    """Asks the broker which offset really comes next (a plain consumer, no group)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._consumer: Any = None
+
+    def __call__(self, partition: int, offset: int) -> int | None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        if self._consumer is None:
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=self.settings.kafka,
+                enable_auto_commit=False,
+                request_timeout_ms=self.settings.kafka_request_timeout_ms,
+            )
+        tp = TopicPartition(self.settings.topic_touchpoints, partition)
+        self._consumer.assign([tp])
+        self._consumer.seek(tp, offset)
+        deadline = time.monotonic() + self.settings.kafka_request_timeout_ms / 1000
+        while time.monotonic() < deadline:
+            for records in self._consumer.poll(timeout_ms=200, max_records=1).values():
+                if records:
+                    return int(records[0].offset)
+        return None
 
 
 class LedgerSeekingConsumer(AIOKafkaConsumer):
@@ -208,6 +301,7 @@ class IngestApp(faust.App):
                 Ledger.open(self.settings),
                 self.settings.topic_touchpoints,
                 strict=self.settings.strict,
+                probe=BrokerProbe(self.settings),
             )
         return self._processor
 
@@ -271,6 +365,10 @@ def create_app(settings: Settings | None = None) -> IngestApp:
         t_sent = time.perf_counter()
         accepted, duplicates = await asyncio.to_thread(proc.commit, batch, messages)
         t_done = time.perf_counter()
+        seeks = proc.take_seeks()
+        if seeks:
+            topic = settings.topic_touchpoints
+            await app.consumer.seek_wait({TP(topic, p): o for p, o in seeks.items()})
         # The timings show where a worker spends its time (bench/streaming.py sums them).
         log.info(
             "batch of %d: %d appended, %d duplicates, %d dead-lettered, %d already applied"

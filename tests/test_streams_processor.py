@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from streams.ingest import IngestProcessor, Message, tracking_name
+from kafka import KafkaProducer
+from streams.ingest import BrokerProbe, IngestProcessor, Message, tracking_name
 
+from broker import read_topic
 from conftest import build_event
 from ledger.ledger import Ledger
 from ledger.settings import Settings
+from ledger.topics import create_topics
 
 TOPIC = "touchpoints"
 
@@ -101,3 +104,86 @@ def test_a_batch_of_only_invalid_messages_still_moves_the_offset(settings: Setti
         assert proc.commit(batch, messages) == (0, 0)
         assert ledger.store.tracking_position(tracking_name(TOPIC, 2)) == 8
         assert ledger.position == 0
+
+
+def _produce(settings: Settings, values: list[bytes], *, transactional: bool = False) -> None:
+    producer = KafkaProducer(
+        bootstrap_servers=settings.kafka,
+        acks="all",
+        transactional_id=f"tx-{settings.consumer_group}" if transactional else None,
+    )
+    try:
+        if transactional:
+            producer.init_transactions()
+            producer.begin_transaction()
+        for value in values:
+            producer.send(settings.topic_touchpoints, value, b"k", partition=0)
+        if transactional:
+            producer.commit_transaction()
+        producer.flush()
+    finally:
+        producer.close()
+
+
+def _partition0(settings: Settings) -> list[Message]:
+    records = read_topic(settings.kafka or "", settings.topic_touchpoints)
+    return sorted(
+        (
+            Message(r.topic, r.partition, r.offset, r.key, r.value)
+            for r in records
+            if r.partition == 0
+        ),
+        key=lambda m: m.offset,
+    )
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("store_kind", ["sqlite"])
+def test_messages_the_consumer_skipped_are_read_again_before_the_offset_moves(
+    settings: Settings, kafka_settings: Settings
+) -> None:
+    create_topics(kafka_settings)
+    _produce(kafka_settings, _valid(10))
+    messages = _partition0(kafka_settings)
+    assert [m.offset for m in messages] == list(range(10))
+    with Ledger.open(settings) as ledger:
+        proc = IngestProcessor(
+            ledger, kafka_settings.topic_touchpoints, probe=BrokerProbe(kafka_settings)
+        )
+        proc.commit(proc.prepare(messages[:3]), messages[:3])
+        # 3 and 4 never arrived (a seek raced the fetcher): nothing past 2 may be recorded.
+        gap = proc.prepare(messages[5:8])
+        assert gap.empty and gap.skipped == 3
+        assert proc.take_seeks() == {0: 3}
+        stale = proc.prepare(messages[8:9])
+        assert stale.empty and proc.take_seeks() == {}
+        again = messages[3:]
+        assert proc.commit(proc.prepare(again), again) == (7, 0)
+        assert ledger.position == 10
+        assert [e.event_id for e in ledger.read()] == [
+            orjson.loads(m.value)["event_id"] for m in messages
+        ]
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("store_kind", ["sqlite"])
+def test_a_hole_the_broker_has_too_is_skipped(settings: Settings, kafka_settings: Settings) -> None:
+    """A transaction's commit marker takes an offset no consumer ever sees."""
+    create_topics(kafka_settings)
+    _produce(kafka_settings, _valid(2), transactional=True)
+    _produce(kafka_settings, _valid(3))
+    messages = _partition0(kafka_settings)
+    offsets = [m.offset for m in messages]
+    assert len(offsets) == 5 and offsets[-1] > 4, f"no marker offset: {offsets}"
+    with Ledger.open(settings) as ledger:
+        proc = IngestProcessor(
+            ledger, kafka_settings.topic_touchpoints, probe=BrokerProbe(kafka_settings)
+        )
+        proc.commit(proc.prepare(messages[:2]), messages[:2])
+        rest = messages[2:]
+        assert proc.commit(proc.prepare(rest), rest) == (3, 0)
+        assert proc.take_seeks() == {}
+        assert (
+            ledger.store.tracking_position(tracking_name(kafka_settings.topic_touchpoints, 0))
+            == offsets[-1]
+        )
