@@ -21,12 +21,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def cli_env(home: Path, store_url: str | None = None) -> dict[str, str]:
+def cli_env(
+    home: Path, store_url: str | None = None, extra: dict[str, str] | None = None
+) -> dict[str, str]:
     env = {**os.environ, "LEDGER_HOME": str(home), "LEDGER_MASTER_KEY": TEST_MASTER_KEY}
     env.pop("LEDGER_STORE_URL", None)
     env.pop("LEDGER_KAFKA", None)
     if store_url:
         env["LEDGER_STORE_URL"] = store_url
+    env.update(extra or {})
     return env
 
 
@@ -46,9 +49,16 @@ def add_source(home: Path, name: str, *channels: str, store_url: str | None = No
 class Server:
     """Starts `ledger serve`; ``url`` is its base address once it answers /health."""
 
-    def __init__(self, home: Path, store_url: str | None = None, port: int | None = None):
+    def __init__(
+        self,
+        home: Path,
+        store_url: str | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.home = home
         self.store_url = store_url
+        self.env = env
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -56,7 +66,7 @@ class Server:
     def start(self) -> Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ledger", "serve", "--port", str(self.port)],
-            env=cli_env(self.home, self.store_url),
+            env=cli_env(self.home, self.store_url, self.env),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

@@ -97,7 +97,11 @@ def serve(
         bool, typer.Option(help="Log each request (client addresses are personal data).")
     ] = False,
 ) -> None:
-    """Run the HTTP collector: Segment-compatible /v1/* and provider webhooks, into the ledger."""
+    """Run the HTTP collector: Segment-compatible /v1/* and provider webhooks, into the ledger.
+
+    With LEDGER_KAFKA set, events go to the touchpoints topic instead (answered after the
+    broker's acknowledgement); the ingest worker appends them.
+    """
     import uvicorn
 
     from ledger.collector.app import create_app
@@ -105,6 +109,8 @@ def serve(
     settings = Settings()
     app = create_app(settings, parse_limits(limit or []))
     where = "PostgreSQL" if settings.store_url else str(settings.sqlite_path)
+    if settings.kafka:
+        where = f"Kafka topic {settings.topic_touchpoints} at {settings.kafka}"
     err_console.print(f"collector on http://{host}:{port} into {where}", highlight=False)
     config = uvicorn.Config(
         app,

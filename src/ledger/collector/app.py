@@ -33,7 +33,7 @@ from ledger.collector import segment, webhooks
 from ledger.collector.auth import SourceRegistry
 from ledger.collector.db import CollectorDB
 from ledger.collector.identity import GraphResolver, Pseudonyms, identity_key
-from ledger.collector.intake import Intake, Problem
+from ledger.collector.intake import Intake, KafkaSink, LedgerSink, Problem, Sink
 from ledger.collector.touch import MappingError, Touch
 from ledger.collector.wire import (
     MAX_BATCH_BYTES,
@@ -45,6 +45,7 @@ from ledger.collector.wire import (
 from ledger.contract import MAX_EVENT_BYTES
 from ledger.deadletter import DeadLetters
 from ledger.ledger import Ledger
+from ledger.publisher import Publisher
 from ledger.settings import Settings
 
 # --------------------------------------------------------------------------- Segment routes
@@ -123,11 +124,16 @@ def create_app(settings: Settings | None = None, limits: dict[str, int] | None =
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        ledger = Ledger.open(settings)
+        sink: Sink
+        if settings.kafka:
+            # Distributed mode: the ingest worker appends from the topic; 2xx after the ack.
+            sink = KafkaSink(Publisher(settings))
+        else:
+            sink = LedgerSink(Ledger.open(settings))
         db = CollectorDB(settings)
         dead = DeadLetters(settings.rejected_dir)
         resolver = GraphResolver(db, Pseudonyms(identity_key(settings)), limits)
-        intake = Intake(ledger, resolver, dead)
+        intake = Intake(sink, resolver, dead)
         # Key checks get their own connection: the event loop must never wait on the writer.
         keys_db = CollectorDB(settings)
         app.state.collector = Collector(settings, SourceRegistry(keys_db), intake)
@@ -136,7 +142,7 @@ def create_app(settings: Settings | None = None, limits: dict[str, int] | None =
         finally:
             intake.close()
             dead.close()
-            ledger.close()
+            sink.close()
             db.close()
             keys_db.close()
 

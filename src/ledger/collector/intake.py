@@ -1,9 +1,11 @@
-"""The collector's single writer: identity resolution and ``Ledger.append``, group-committed.
+"""The collector's single writer: identity resolution, then the sink, group-committed.
 
 Requests hand their touches to :class:`Intake` and wait for the future it
 returns; one thread takes every waiting request at once (up to
-``max_events``), resolves customers, appends them in one ledger transaction,
-and only then completes the futures, so an HTTP 2xx always follows a commit.
+``max_events``), resolves customers, writes them to the sink — one
+``Ledger.append`` transaction, or (distributed mode) the touchpoints topic
+until the broker acknowledged every event — and only then completes the
+futures, so an HTTP 2xx always follows a commit or an acknowledgement.
 Grouping is what makes many small concurrent requests cheap: the fixed cost
 of a transaction (lock, fsync) is paid once per group, not per request.
 
@@ -20,8 +22,57 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ledger.collector.touch import Touch
+from ledger.contract import ContractError
 from ledger.deadletter import DeadLetters
 from ledger.ledger import Ledger
+from ledger.publisher import Publisher, to_envelope
+
+
+class Sink(Protocol):
+    """Where accepted events go: the embedded ledger, or Kafka in the distributed mode."""
+
+    def write(self, events: list[dict[str, Any]]) -> dict[int, list[str]]:
+        """Store durably (or raise); return {index: problems} of events the contract rejected."""
+
+    def close(self) -> None: ...
+
+
+class LedgerSink:
+    """``Ledger.append``: one transaction, committed before this returns."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+
+    def write(self, events: list[dict[str, Any]]) -> dict[int, list[str]]:
+        result = self.ledger.append(events)
+        return {r.index: r.problems for r in result.rejected}
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+class KafkaSink:
+    """The touchpoints topic through the SDK; returns once the broker acknowledged all."""
+
+    def __init__(self, publisher: Publisher):
+        self.publisher = publisher
+
+    def write(self, events: list[dict[str, Any]]) -> dict[int, list[str]]:
+        rejected: dict[int, list[str]] = {}
+        for index, event in enumerate(events):
+            try:
+                envelope = to_envelope(event, strict=self.publisher.strict)
+            except ContractError as exc:
+                rejected[index] = exc.problems
+                continue
+            self.publisher.publish(envelope)
+        # Raises DeliveryError when any event went unacknowledged: the requests get a 503
+        # and retry; what did arrive is stored once by the ingest worker (event ids).
+        self.publisher.flush()
+        return rejected
+
+    def close(self) -> None:
+        self.publisher.close()
 
 
 class Resolver(Protocol):
@@ -65,13 +116,13 @@ _STOP = object()
 class Intake:
     def __init__(
         self,
-        ledger: Ledger,
+        sink: Sink,
         resolver: Resolver,
         dead_letters: DeadLetters,
         *,
         max_events: int = 5_000,
     ):
-        self.ledger = ledger
+        self.sink = sink
         self.resolver = resolver
         self.dead_letters = dead_letters
         self.max_events = max_events
@@ -116,14 +167,13 @@ class Intake:
         touches = [t for job in jobs for _, t in job.touches]
         try:
             derived = self.resolver.resolve(touches)
-            result = self.ledger.append([t.event for t in touches] + derived)
+            failed = self.sink.write([t.event for t in touches] + derived)
             self.resolver.commit()
         except BaseException as exc:
             self.resolver.rollback()
             for job in jobs:
                 job.future.set_exception(exc)
             return
-        failed = {r.index: r.problems for r in result.rejected}
         offset = 0
         for job in jobs:
             outcome = Outcome(rejected=list(job.problems))
