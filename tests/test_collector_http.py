@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -216,9 +218,6 @@ def test_auth_failures_and_channel_binding(served: tuple[Server, dict[str, str]]
 
 
 def subprocess_revoke(home: Path, name: str) -> None:
-    import subprocess
-    import sys
-
     from collector_server import cli_env
 
     subprocess.run(
@@ -320,6 +319,29 @@ def test_contract_rejections_are_reported_dead_lettered_and_spare_the_valid(
     assert orjson.loads(mine[0]["raw"]) == no_url
 
 
+def second_collector(server: Server) -> subprocess.CompletedProcess[str]:
+    from collector_server import cli_env
+
+    return subprocess.run(
+        [sys.executable, "-m", "ledger", "serve", "--port", str(free_port())],
+        env=cli_env(server.home, server.store_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_second_collector_on_the_same_ledger_is_refused(
+    served: tuple[Server, dict[str, str]],
+) -> None:
+    server, _ = served
+    second = second_collector(server)
+    assert second.returncode == 1
+    assert "another collector is already serving the ledger" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+
+
 def test_no_route_or_method_is_a_500(served: tuple[Server, dict[str, str]]) -> None:
     server, _ = served
     assert requests.get(server.url + "/v1/track", timeout=10).status_code == 405
@@ -396,3 +418,37 @@ def test_restart_without_loss_every_acknowledged_event_is_in_the_ledger(tmp_path
     assert {event_id("website", m) for m in acked} <= set(ids)
     with Ledger.open(Settings(home=home, master_key=TEST_MASTER_KEY)) as ledger:
         assert ledger.verify().ok
+
+
+@pytest.mark.postgres
+def test_collector_on_postgresql_keys_graph_and_ledger_in_one_database(
+    tmp_path: Path, pg_url: str
+) -> None:
+    home = tmp_path / "home"
+    key = add_source(home, "website", "web", store_url=pg_url)
+    server = Server(home, store_url=pg_url).start()
+    try:
+        batch = [
+            {"type": "page", "anonymousId": "pg-a", "properties": {"url": "https://x.example/"}},
+            {"type": "identify", "userId": "pg-u"},
+            {"type": "identify", "userId": "pg-u", "anonymousId": "pg-a"},
+        ]
+        answer = post(server, "/v1/batch", {"batch": batch}, key)
+        assert answer.status_code == 200 and answer.json()["stored"] == 3
+        refused = second_collector(server)
+        assert refused.returncode == 1 and "already serving" in refused.stderr
+    finally:
+        server.stop()
+    assert not (home / "ledger.db").exists()  # nothing went to a SQLite file
+    with Ledger.open(Settings(home=home, store_url=pg_url, master_key=TEST_MASTER_KEY)) as led:
+        recorded = led.read(0, 100)
+    # Derived events follow the touches of their transaction.
+    assert [e.type for e in recorded] == [
+        "page_viewed",
+        "identity_linked",
+        "identity_linked",
+        "customers_merged",
+    ]
+    merged = recorded[3]
+    assert recorded[0].customer_id == merged.customer_id == recorded[2].customer_id
+    assert merged.payload["merged_customer_id"] == recorded[1].customer_id

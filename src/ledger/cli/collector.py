@@ -104,10 +104,12 @@ def serve(
     """
     import uvicorn
 
-    from ledger.collector.app import create_app
+    from ledger.collector.app import create_app, open_collector
 
     settings = Settings()
-    app = create_app(settings, parse_limits(limit or []))
+    # Opened here, not at server startup, so a problem is a one-line error, not a traceback.
+    collector = open_collector(settings, parse_limits(limit or []))
+    app = create_app(settings, collector=collector)
     where = "PostgreSQL" if settings.store_url else str(settings.sqlite_path)
     if settings.kafka:
         where = f"Kafka topic {settings.topic_touchpoints} at {settings.kafka}"

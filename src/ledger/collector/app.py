@@ -115,35 +115,56 @@ def routes() -> list[Route]:
     return out + webhooks.routes()
 
 
-def create_app(settings: Settings | None = None, limits: dict[str, int] | None = None) -> Starlette:
-    """The collector over the ledger the settings name (opened at startup, closed at shutdown).
+def open_collector(settings: Settings, limits: dict[str, int] | None = None) -> Collector:
+    """Open everything the routes need; raises LedgerError (a sentence) when something can't.
 
-    ``limits``: identifiers of each kind one customer may hold (see :mod:`identity`).
+    Claims the ledger for this collector first: the identity graph is resolved by one
+    writer, so a second collector on the same ledger is refused.
     """
-    settings = settings or Settings()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    db = CollectorDB(settings)
+    closers: list[Callable[[], None]] = [db.close]
+    try:
+        db.claim_single_writer()
         sink: Sink
         if settings.kafka:
             # Distributed mode: the ingest worker appends from the topic; 2xx after the ack.
             sink = KafkaSink(Publisher(settings))
         else:
             sink = LedgerSink(Ledger.open(settings))
-        db = CollectorDB(settings)
-        dead = DeadLetters(settings.rejected_dir)
+        closers.append(sink.close)
         resolver = GraphResolver(db, Pseudonyms(identity_key(settings)), limits)
-        intake = Intake(sink, resolver, dead)
         # Key checks get their own connection: the event loop must never wait on the writer.
         keys_db = CollectorDB(settings)
-        app.state.collector = Collector(settings, SourceRegistry(keys_db), intake)
+        closers.append(keys_db.close)
+        registry = SourceRegistry(keys_db)
+    except BaseException:
+        for close in reversed(closers):
+            close()
+        raise
+    dead = DeadLetters(settings.rejected_dir)
+    intake = Intake(sink, resolver, dead)
+    closers[:0] = [intake.close, dead.close]  # drain the writer before closing what it uses
+    return Collector(settings, registry, intake, closers)
+
+
+def create_app(
+    settings: Settings | None = None,
+    limits: dict[str, int] | None = None,
+    collector: Collector | None = None,
+) -> Starlette:
+    """The collector's app; ``collector`` (from :func:`open_collector`) or opened at startup.
+
+    ``limits``: identifiers of each kind one customer may hold (see :mod:`identity`).
+    Whichever way it was opened, it is closed at shutdown, after in-flight requests.
+    """
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.collector = collector or open_collector(settings, limits)
         try:
             yield
         finally:
-            intake.close()
-            dead.close()
-            sink.close()
-            db.close()
-            keys_db.close()
+            app.state.collector.close()
 
     return Starlette(routes=routes(), lifespan=lifespan)

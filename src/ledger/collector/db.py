@@ -8,14 +8,18 @@ databases accept; ``?`` placeholders are rewritten for psycopg.
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any
 
 from ledger.ledger import LedgerError
 from ledger.settings import Settings
+
+#: pg_advisory_lock key of "the collector of this database" (any fixed 64-bit number).
+_ADVISORY_KEY = 0x6C65_6467_6572_0005
 
 
 class CollectorDB:
@@ -23,6 +27,8 @@ class CollectorDB:
 
     def __init__(self, settings: Settings):
         self._lock = threading.RLock()
+        self._home = settings.home
+        self._claim: IO[str] | None = None
         self.postgres = bool(settings.store_url)
         self._conn: Any
         try:
@@ -92,6 +98,36 @@ class CollectorDB:
             for statement in statements:
                 self.execute(statement)
 
+    def claim_single_writer(self) -> None:
+        """Hold, for this connection's life, the right to be the ledger's only collector.
+
+        SQLite: an exclusive ``flock`` on ``$LEDGER_HOME/collector.lock``; PostgreSQL: a
+        session advisory lock. Both vanish with the process, so a crash never leaves a
+        stale claim behind.
+        """
+        if self.postgres:
+            held = self.query("SELECT pg_try_advisory_lock(?)", [_ADVISORY_KEY])[0][0]
+            if not held:
+                raise LedgerError(
+                    f"another collector is already serving the ledger at {self.location}; "
+                    "run one collector per ledger"
+                )
+            return
+        path = self._home / "collector.lock"
+        handle = path.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise LedgerError(
+                f"another collector is already serving the ledger at {self.location} "
+                f"(it holds {path}); run one collector per ledger"
+            ) from None
+        self._claim = handle
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            if self._claim is not None:
+                self._claim.close()
+                self._claim = None

@@ -8,7 +8,7 @@ import binascii
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -46,6 +46,13 @@ class Collector:
     settings: Settings
     registry: SourceRegistry
     intake: Intake
+    #: What to close at shutdown, in order (the writer first).
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+        self.closers = []
 
     async def body(self, request: Request, limit: int) -> bytes:
         """The request body, refused past ``limit`` bytes (before and after gunzip)."""
