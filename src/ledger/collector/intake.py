@@ -161,7 +161,12 @@ class Intake:
                     break
                 jobs.append(nxt)
                 count += len(nxt.touches)
-            self._write(jobs)
+            try:
+                self._write(jobs)
+            except Exception as exc:  # the writer must outlive any one group: never hang requests
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
 
     def _write(self, jobs: list[_Job]) -> None:
         touches = [t for job in jobs for _, t in job.touches]
@@ -169,10 +174,14 @@ class Intake:
             derived = self.resolver.resolve(touches)
             failed = self.sink.write([t.event for t in touches] + derived)
             self.resolver.commit()
-        except BaseException as exc:
+        except Exception as exc:
             self.resolver.rollback()
-            for job in jobs:
-                job.future.set_exception(exc)
+            if len(jobs) > 1:
+                # One request may be what failed the group: give each its own chance.
+                for job in jobs:
+                    self._write([job])
+                return
+            jobs[0].future.set_exception(exc)
             return
         offset = 0
         for job in jobs:
