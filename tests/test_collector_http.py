@@ -319,6 +319,33 @@ def test_contract_rejections_are_reported_dead_lettered_and_spare_the_valid(
     assert orjson.loads(mine[0]["raw"]) == no_url
 
 
+def test_browser_style_calls_short_paths_key_in_body_and_cors(
+    served: tuple[Server, dict[str, str]],
+) -> None:
+    server, keys = served
+    preflight = requests.options(
+        server.url + "/v1/p",
+        headers={
+            "Origin": "https://shop.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+        timeout=10,
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    msg = {
+        "anonymousId": "ajs-1",
+        "messageId": str(uuid.uuid4()),
+        "writeKey": keys["web"],
+        "properties": {"url": "https://shop.example/"},
+    }
+    answer = post(server, "/v1/p", msg, None, headers={"Origin": "https://shop.example"})
+    assert answer.status_code == 200 and answer.json()["stored"] == 1
+    assert answer.headers["access-control-allow-origin"] == "*"
+    assert by_id(server.home)[event_id("website", msg["messageId"])].type == "page_viewed"
+
+
 def second_collector(server: Server) -> subprocess.CompletedProcess[str]:
     from collector_server import cli_env
 

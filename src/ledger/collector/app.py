@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -110,8 +112,13 @@ async def health(request: Request) -> Response:
 
 def routes() -> list[Route]:
     out = [Route("/health", health, methods=["GET"])]
-    out += [Route(f"/v1/{call}", _segment_call(call), methods=["POST"]) for call in segment.CALLS]
+    for call in segment.CALLS:
+        endpoint = _segment_call(call)
+        out.append(Route(f"/v1/{call}", endpoint, methods=["POST"]))
+        # analytics.js posts to the one-letter forms (/v1/t, /v1/p, ...), key in the body.
+        out.append(Route(f"/v1/{call[0]}", endpoint, methods=["POST"]))
     out.append(Route("/v1/batch", segment_batch, methods=["POST"]))
+    out.append(Route("/v1/b", segment_batch, methods=["POST"]))
     return out + webhooks.routes()
 
 
@@ -167,4 +174,13 @@ def create_app(
         finally:
             app.state.collector.close()
 
-    return Starlette(routes=routes(), lifespan=lifespan)
+    # Browsers post from the site's origin: any origin may send, none gets credentials (the
+    # write key is the credential, and it is not secret from a browser anyway).
+    cors = Middleware(
+        CORSMiddleware,
+        allow_origins=["*"],
+        allow_methods=["POST"],
+        allow_headers=["Authorization", "Content-Type", "Content-Encoding"],
+        max_age=86_400,
+    )
+    return Starlette(routes=routes(), lifespan=lifespan, middleware=[cors])
