@@ -344,6 +344,11 @@ def test_browser_style_calls_short_paths_key_in_body_and_cors(
     assert answer.status_code == 200 and answer.json()["stored"] == 1
     assert answer.headers["access-control-allow-origin"] == "*"
     assert by_id(server.home)[event_id("website", msg["messageId"])].type == "page_viewed"
+    # A rejected browser call is dead-lettered without the key it carried.
+    bad = {"anonymousId": "ajs-2", "writeKey": keys["web"], "properties": {}}
+    assert post(server, "/v1/p", bad, None).json()["rejected"]
+    dead = b"".join(p.read_bytes() for p in (server.home / "rejected").glob("*.jsonl"))
+    assert b"ajs-2" in dead and keys["web"].encode() not in dead
 
 
 def second_collector(server: Server) -> subprocess.CompletedProcess[str]:

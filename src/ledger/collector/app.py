@@ -63,10 +63,11 @@ def _segment_call(call: str) -> Callable[[Request], Awaitable[Response]]:
         if not isinstance(msg, dict):
             raise Refusal(400, "invalid_message", "request body: expected a JSON object")
         source = collector.body_source(source, msg)
+        msg.pop("writeKey", None)  # a credential: never into a dead-letter file
         try:
             touch = segment.map_message(msg, source=source.name, received_at=received, call=call)
         except MappingError as exc:
-            problem = Problem(0, exc.problems, None, data)
+            problem = Problem(0, exc.problems, None, orjson.dumps(msg))
             return await collector.store(source, [], [problem])
         return await collector.store(source, [(0, touch)], [])
 
