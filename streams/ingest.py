@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import faust
 import orjson
 from eventsourcing.persistence import Tracking
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from faust.types import TP
@@ -258,8 +259,23 @@ class BrokerProbe:
         return None
 
 
+class LedgerConsumerThread(AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # faust hard-codes fetch_max_wait_ms=1500. A broker that holds a fetch for the whole
+        # wait even when records arrive (Tansu does) then adds up to 1.5 s of latency:
+        # use LEDGER_KAFKA_FETCH_MAX_WAIT_MS (read by aiokafka when the consumer starts).
+        app = self.app
+        if isinstance(app, IngestApp):
+            consumer._fetch_max_wait_ms = app.settings.kafka_fetch_max_wait_ms
+        return consumer
+
+
 class LedgerSeekingConsumer(AIOKafkaConsumer):
     """Faust's consumer, seeking to the offsets stored in the ledger instead of Kafka's."""
+
+    def _new_consumer_thread(self) -> Any:
+        return LedgerConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def perform_seek(self) -> None:
         await super().perform_seek()
