@@ -14,6 +14,8 @@ from typing import Any
 import orjson
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from collector_server import Server, add_source, cli_env
 from conftest import TEST_MASTER_KEY
@@ -282,3 +284,63 @@ def test_stitching_over_http_and_ledger_identities(served: tuple[Server, dict[st
     assert unknown.returncode == 1
     assert "no customer 'cus_nobody' in the collector's identity graph" in unknown.stderr
     assert os.path.exists(server.home / "ledger.db")
+
+
+_POOL = {
+    "user": ["u1", "u2", "u3"],
+    "anon": ["a1", "a2", "a3", "a4"],
+    "email": ["e1@x.example", "e2@x.example", "e3@x.example"],
+    "phone": ["+15550000001", "+15550000002"],
+}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "user": st.none() | st.sampled_from(_POOL["user"]),
+                "anon": st.sampled_from(_POOL["anon"]),
+                "email": st.none() | st.sampled_from(_POOL["email"]),
+                "phone": st.none() | st.sampled_from(_POOL["phone"]),
+            }
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    st.integers(min_value=1, max_value=3),
+)
+def test_graph_invariants_hold_for_any_sequence_of_touches(
+    tmp_path_factory: pytest.TempPathFactory, calls: list[dict[str, Any]], email_limit: int
+) -> None:
+    limits = parse_limits([f"email={email_limit}", "phone=1"])
+    messages = [
+        identify(user=c["user"], anon=c["anon"], email=c["email"], phone=c["phone"]) for c in calls
+    ]
+    runs = []
+    for _ in range(2):
+        g = Graph(tmp_path_factory.mktemp("g") / "home", limits=limits)
+        try:
+            customers = [g.send(m)[0] for m in messages]  # one request each, as they arrive
+            over = g.db.query(
+                "SELECT customer_id, kind, COUNT(*) FROM collector_identifiers "
+                "GROUP BY customer_id, kind"
+            )
+            stale = g.db.query(
+                "SELECT COUNT(*) FROM collector_identifiers WHERE customer_id IN "
+                "(SELECT customer_id FROM collector_customers WHERE merged_into IS NOT NULL)"
+            )
+            merges = {
+                (e.customer_id, e.payload["merged_customer_id"])
+                for e in g.events("customers_merged")
+            }
+            table = set(g.db.query("SELECT into_customer, from_customer FROM collector_merges"))
+            touched = g.ledger.read(0, 10_000)
+        finally:
+            g.close()
+        assert all(n <= limits[kind] for _, kind, n in over)  # no customer past a limit
+        assert stale == [(0,)]  # no identifier left on a merged-away customer
+        assert merges == table  # every merge in the graph is an event in the ledger
+        assert [e.customer_id for e in touched if e.type == "identity_linked"] == customers
+        runs.append((customers, merges))
+    assert runs[0] == runs[1]  # the same touches in the same order: the same customers

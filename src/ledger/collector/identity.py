@@ -211,8 +211,9 @@ class GraphResolver:
             self._members[customer] = []
             self._created[customer] = self._seq
             self._pending.add(
+                # A customer row can outlive its cache entry; never fail a request over it.
                 "INSERT INTO collector_customers (customer_id, created_seq, created_at) "
-                "VALUES (?, ?, ?)",
+                "VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 customer,
                 self._seq,
                 now,
