@@ -21,7 +21,13 @@ from collector_server import Server, add_source, cli_env
 from conftest import TEST_MASTER_KEY
 from ledger.collector import segment
 from ledger.collector.db import CollectorDB
-from ledger.collector.identity import GraphResolver, Pseudonyms, identity_key, parse_limits
+from ledger.collector.identity import (
+    GraphResolver,
+    Pseudonyms,
+    forget_identities,
+    identity_key,
+    parse_limits,
+)
 from ledger.collector.touch import Touch
 from ledger.ledger import Ledger, LedgerError
 from ledger.settings import Settings
@@ -143,7 +149,7 @@ def test_graph_in_postgresql_merges_and_refuses_the_same_way(tmp_path: Path, pg_
         (browsing, app_user)
     ]
     assert len(set(shared)) == 3 and len(refused) == 2
-    assert tables == [(4,)]  # customers, identifiers, merges, refusals; keys appear on first use
+    assert tables == [(5,)]  # customers, identifiers, merges, refusals, meta (keys: first use)
 
 
 def test_without_user_ids_the_email_limit_bounds_how_many_fuse(tmp_path: Path) -> None:
@@ -190,6 +196,33 @@ def test_resolution_is_deterministic_and_survives_a_restart(tmp_path: Path) -> N
     assert first[2:4] == [first[0], first[0]]
     assert second[2:] == first[2:]
     assert merges_a == merges_b and len(merges_a) == 1
+
+
+def test_forgetting_unlinks_the_whole_person_and_a_return_is_a_new_customer(
+    graph: Graph,
+) -> None:
+    first, app = graph.send(page("anon-f"), identify(user="u-f"))
+    (person,) = graph.send(identify(user="u-f", anon="anon-f", email="f@x.example"))
+    assert person == first != app
+    # Forgetting the absorbed id forgets the person: survivor and absorbed alike.
+    assert forget_identities(graph.db, app) == [first, app]
+    assert graph.db.query("SELECT COUNT(*) FROM collector_identifiers") == [(0,)]
+    forgotten = graph.db.query(
+        "SELECT customer_id FROM collector_customers WHERE forgotten_at IS NOT NULL"
+    )
+    assert sorted(forgotten) == sorted([(first,), (app,)])
+
+    # The running resolver notices; the same identifiers now make someone new.
+    back = graph.send(page("anon-f"), identify(user="u-f", email="f@x.example"))
+    pseudonyms = graph.resolver.pseudonyms
+    # ...deterministically: the n-th return of an identifier mints its n-th id.
+    assert back == [
+        pseudonyms.customer_id("anonymous_id", "anon-f\n#1"),
+        pseudonyms.customer_id("user_id", "u-f\n#1"),
+    ]
+    assert not {first, app} & set(back)
+    with pytest.raises(LedgerError, match="no customer 'cus_nope'"):
+        forget_identities(graph.db, "cus_nope")
 
 
 def test_rollback_leaves_the_graph_as_it_was(graph: Graph) -> None:
@@ -284,6 +317,24 @@ def test_stitching_over_http_and_ledger_identities(served: tuple[Server, dict[st
     assert unknown.returncode == 1
     assert "no customer 'cus_nobody' in the collector's identity graph" in unknown.stderr
     assert os.path.exists(server.home / "ledger.db")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ledger", "identities", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+
+    unconfirmed = cli(survivor, "--forget")
+    assert unconfirmed.returncode == 2 and "pass --yes" in unconfirmed.stderr
+    forgot = cli(gone, "--forget", "--yes")
+    assert forgot.returncode == 0, forgot.stderr
+    assert f"`ledger forget` each of {survivor} {gone}" in forgot.stdout.replace("\n", "")
+    after = cli(survivor)
+    assert "identifiers unlinked at" in after.stdout and "dana@example.com" not in after.stdout
 
 
 _POOL = {

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from ledger.cli.output import console, err_console, fail
+from ledger.cli.output import EXIT_USAGE, console, err_console, fail
 from ledger.collector.auth import KEY_CHANNELS, SourceRegistry
 from ledger.collector.db import CollectorDB
-from ledger.collector.identity import DEFAULT_LIMITS, Pseudonyms, identity_key, parse_limits, report
+from ledger.collector.identity import (
+    DEFAULT_LIMITS,
+    Pseudonyms,
+    forget_identities,
+    identity_key,
+    parse_limits,
+    report,
+)
 from ledger.ledger import Ledger
 from ledger.settings import Settings
 
@@ -128,9 +136,20 @@ def serve(
 
 def identities(
     customer: Annotated[str, typer.Argument(help="A customer id, e.g. from `ledger history`.")],
+    forget: Annotated[
+        bool,
+        typer.Option(
+            "--forget",
+            help="Unlink the person's identifiers from the graph (do it with `ledger forget`).",
+        ),
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """The identifiers the collector linked to a customer, its merges and refused links."""
     settings = Settings()
+    if forget:
+        _forget_identities(settings, customer, yes)
+        return
     db = CollectorDB(settings)
     try:
         found = report(db, customer)
@@ -139,6 +158,8 @@ def identities(
         if found.merged_into:
             console.print(f"{customer} was merged into [bold]{found.merged_into}[/]")
             found = report(db, found.merged_into)
+        if found.forgotten_at:
+            console.print(f"{found.customer_id}: identifiers unlinked at {found.forgotten_at}")
     finally:
         db.close()
     # Values are not in the graph (only keyed hashes): read them from the ledger's events.
@@ -173,6 +194,22 @@ def identities(
         for kind, other, limit_value, at in found.refusals:
             refused.add_row(kind, other or "(new identifier)", str(limit_value), at)
         console.print(refused)
+
+
+def _forget_identities(settings: Settings, customer: str, yes: bool) -> None:
+    if not yes:
+        if not sys.stdin.isatty():
+            fail("--forget is irreversible: pass --yes to confirm without a terminal", EXIT_USAGE)
+        typer.confirm(f"Irreversibly unlink the identifiers of {customer}?", abort=True)
+    db = CollectorDB(settings)
+    try:
+        group = forget_identities(db, customer)
+    finally:
+        db.close()
+    console.print(
+        f"unlinked the identifiers of {', '.join(group)}; a returning identifier now starts "
+        "a new customer. Their events: `ledger forget` each of " + " ".join(group)
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -64,7 +64,14 @@ TABLES = [
         customer_id TEXT PRIMARY KEY,
         created_seq BIGINT NOT NULL,
         created_at TEXT NOT NULL,
-        merged_into TEXT
+        merged_into TEXT,
+        forgotten_at TEXT
+    )""",
+    # generation: bumped by every change made outside the collector (forget), so a running
+    # collector drops its cache of the graph.
+    """CREATE TABLE IF NOT EXISTS collector_meta (
+        name TEXT PRIMARY KEY,
+        value BIGINT NOT NULL
     )""",
     """CREATE TABLE IF NOT EXISTS collector_identifiers (
         kind TEXT NOT NULL,
@@ -133,6 +140,52 @@ def parse_limits(items: Iterable[str]) -> dict[str, int]:
     return limits
 
 
+def _generation(db: CollectorDB) -> int:
+    rows = db.query("SELECT value FROM collector_meta WHERE name = 'generation'")
+    return int(rows[0][0]) if rows else 0
+
+
+def forget_identities(db: CollectorDB, customer_id: str) -> list[str]:
+    """Unlink every identifier of the person ``customer_id`` belongs to (after ``forget``).
+
+    The person is the whole merged group: its survivor and every customer merged into it.
+    Their identifier hashes are deleted, the customers marked forgotten (a returning
+    identifier mints a new customer), and running collectors drop their cached graph.
+    Returns the group's customer ids: each has events in the ledger to ``ledger forget``.
+    """
+    db.create(TABLES)
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    with db.transaction():
+        row = db.query(
+            "SELECT merged_into FROM collector_customers WHERE customer_id = ?", [customer_id]
+        )
+        if not row:
+            raise LedgerError(f"no customer {customer_id!r} in the collector's identity graph")
+        survivor = row[0][0] or customer_id
+        group = [survivor] + [
+            r[0]
+            for r in db.query(
+                "SELECT customer_id FROM collector_customers WHERE merged_into = ? "
+                "ORDER BY created_seq",
+                [survivor],
+            )
+        ]
+        db.execute("DELETE FROM collector_identifiers WHERE customer_id = ?", [survivor])
+        db.execute(
+            "UPDATE collector_customers SET forgotten_at = ? "
+            "WHERE (customer_id = ? OR merged_into = ?) AND forgotten_at IS NULL",
+            [now, survivor, survivor],
+        )
+        for member in group:  # refusal rows hold identifier hashes too
+            db.execute(
+                "DELETE FROM collector_refusals WHERE customer_id = ? OR other_customer = ?",
+                [member, member],
+            )
+        if db.execute("UPDATE collector_meta SET value = value + 1 WHERE name = 'generation'") == 0:
+            db.execute("INSERT INTO collector_meta (name, value) VALUES ('generation', 1)")
+    return group
+
+
 def _derived_id(*parts: str) -> str:
     return str(uuid.uuid5(EVENT_NAMESPACE, "\n".join(parts)))
 
@@ -167,6 +220,13 @@ class GraphResolver:
         rows = self.db.query("SELECT MAX(created_seq) FROM collector_customers")
         self._seq = int(rows[0][0] or 0)
         self._pending = _Pending()
+        self._generation = _generation(self.db)
+        self._forgotten = {
+            r[0]
+            for r in self.db.query(
+                "SELECT customer_id FROM collector_customers WHERE forgotten_at IS NOT NULL"
+            )
+        }
 
     # ------------------------------------------------------------------ cache fills
 
@@ -205,6 +265,12 @@ class GraphResolver:
 
     def _mint(self, kind: str, value: str, now: str) -> str:
         customer = self.pseudonyms.customer_id(kind, value)
+        again = 0
+        while customer in self._forgotten:
+            # A forgotten person who comes back starts a new pseudonym, unlinked from the
+            # history that was erased; still deterministic (the n-th return, the n-th id).
+            again += 1
+            customer = self.pseudonyms.customer_id(kind, f"{value}\n#{again}")
         if customer not in self._counts:
             self._seq += 1
             self._counts[customer] = {}
@@ -275,6 +341,8 @@ class GraphResolver:
     # ------------------------------------------------------------------ resolving
 
     def resolve(self, touches: list[Touch]) -> list[dict[str, Any]]:
+        if _generation(self.db) != self._generation:
+            self._reset()  # someone forgot a customer: the cached graph is stale
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         keyed = [
             sorted(
@@ -424,12 +492,14 @@ class IdentityReport:
     known: bool
     #: Every customer merged into this one, directly or through an earlier merge.
     absorbed: list[str] = field(default_factory=list)
+    forgotten_at: str | None = None
 
 
 def report(db: CollectorDB, customer_id: str) -> IdentityReport:
     db.create(TABLES)
     row = db.query(
-        "SELECT merged_into FROM collector_customers WHERE customer_id = ?", [customer_id]
+        "SELECT merged_into, forgotten_at FROM collector_customers WHERE customer_id = ?",
+        [customer_id],
     )
     identifiers = db.query(
         "SELECT kind, digest, first_seen FROM collector_identifiers WHERE customer_id = ? "
@@ -451,6 +521,7 @@ def report(db: CollectorDB, customer_id: str) -> IdentityReport:
         [customer_id],
     )
     return IdentityReport(
+        forgotten_at=row[0][1] if row else None,
         absorbed=[r[0] for r in absorbed],
         customer_id=customer_id,
         merged_into=row[0][0] if row else None,
