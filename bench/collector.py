@@ -10,9 +10,10 @@ calls from 10 visitors each, so the identity graph links repeat visitors):
               holding ``--connections`` keep-alive connections; events/s over
               the whole run and p50/p99 request latency; afterwards the ledger's
               event count must equal the count the server acknowledged;
-* baseline  - ``Ledger.append`` of the same messages, already mapped to contract
-              events and resolved, in batches of 100 in this process: the
-              ledger's own cost with no HTTP, JSON or identity graph.
+* baseline  - ``Ledger.append`` of the same messages, mapped and resolved, in
+              batches of 100 in this process: the ledger's own cost with no HTTP;
+              beside it, the time per event of each stage the collector runs
+              (parse, map, resolve, append, graph commit), all in one thread.
 
 Generation is not timed: request bodies are encoded before the clock starts.
 """
@@ -199,6 +200,11 @@ def run_collector(work: Path, payloads: list[bytes], connections: int) -> dict[s
 
 
 def run_baseline(work: Path, payloads: list[bytes]) -> dict[str, Any]:
+    """The same events through the collector's stages in one thread, each stage timed.
+
+    ``append`` alone, in batches of 100, is the baseline; the other stages are what the
+    collector adds per event (the HTTP layer aside).
+    """
     from ledger.collector import segment
     from ledger.collector.db import CollectorDB
     from ledger.collector.identity import GraphResolver, Pseudonyms, identity_key
@@ -207,25 +213,39 @@ def run_baseline(work: Path, payloads: list[bytes]) -> dict[str, Any]:
 
     settings = Settings(home=work / "baseline", master_key=MASTER_KEY)
     received = dt.datetime.now(dt.UTC)
-    db = CollectorDB(settings)
+    stages = dict.fromkeys(("parse", "map", "resolve", "append", "graph commit"), 0.0)
+    db = CollectorDB(settings, durable=False)  # as the collector opens it
     resolver = GraphResolver(db, Pseudonyms(identity_key(settings)))
-    batches = []
-    for body in payloads:
-        touches = [
-            segment.map_message(m, source="bench-site", received_at=received)
-            for m in orjson.loads(body)["batch"]
-        ]
-        resolver.resolve(touches)
-        batches.append([t.event for t in touches])
-    resolver.rollback()
-    db.close()
     with Ledger.open(settings) as ledger:
-        began = time.perf_counter()
-        for batch in batches:
-            ledger.append(batch)
-        elapsed = time.perf_counter() - began
+        for body in payloads:
+            t0 = time.perf_counter()
+            parsed = orjson.loads(body)
+            raws = [orjson.dumps(m) for m in parsed["batch"]]
+            t1 = time.perf_counter()
+            touches = [
+                segment.map_message(
+                    m,
+                    source="bench-site",
+                    received_at=received,
+                    batch_sent_at=parsed["sentAt"],
+                    raw=raw,
+                )
+                for m, raw in zip(parsed["batch"], raws, strict=True)
+            ]
+            t2 = time.perf_counter()
+            derived = resolver.resolve(touches)
+            t3 = time.perf_counter()
+            ledger.append([t.event for t in touches] + derived)
+            t4 = time.perf_counter()
+            resolver.commit()
+            t5 = time.perf_counter()
+            for stage, took in zip(
+                stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True
+            ):
+                stages[stage] += took
         count = ledger.store.max_position()
-    return {"elapsed": elapsed, "events": count}
+    db.close()
+    return {"elapsed": stages["append"], "events": count, "stages": stages}
 
 
 def main() -> None:
@@ -264,6 +284,12 @@ def main() -> None:
         baseline = run_baseline(Path(tmp), payloads)
     base_rate = baseline["events"] / baseline["elapsed"]
     print(f"baseline Ledger.append     {base_rate:,.0f} events/s (batches of {BATCH}, in-process)")
+    per_event = {k: v / baseline["events"] * 1e6 for k, v in baseline["stages"].items()}
+    print(
+        "  per event, one thread    "
+        + ", ".join(f"{k} {v:.1f}" for k, v in per_event.items())
+        + f" µs; all stages {1e6 / sum(per_event.values()):,.0f} events/s"
+    )
     if mismatch:
         print("MISMATCH: acknowledged events are not all in the ledger", file=sys.stderr)
         sys.exit(1)

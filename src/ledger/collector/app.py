@@ -129,7 +129,11 @@ def open_collector(settings: Settings, limits: dict[str, int] | None = None) -> 
     Claims the ledger for this collector first: the identity graph is resolved by one
     writer, so a second collector on the same ledger is refused.
     """
-    db = CollectorDB(settings)
+    # The graph's connection skips the fsync per commit: the events are the ledger's, synced
+    # by it; a graph that lost its last commit to a power cut heals (the same identifiers
+    # mint the same ids, lost links come back as merges with the same event ids), and a
+    # second fsync per group of requests costs more than all the graph's other work.
+    db = CollectorDB(settings, durable=False)
     closers: list[Callable[[], None]] = [db.close]
     try:
         db.claim_single_writer()

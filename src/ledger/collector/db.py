@@ -25,7 +25,9 @@ _ADVISORY_KEY = 0x6C65_6467_6572_0005
 class CollectorDB:
     """One connection to the ledger's database, safe to share between threads (a lock)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, durable: bool = True):
+        """``durable=False``: SQLite commits without fsync (they survive a crash of the
+        process, not of the machine); see :func:`ledger.collector.app.open_collector`."""
         self._lock = threading.RLock()
         self._home = settings.home
         self._claim: IO[str] | None = None
@@ -46,7 +48,7 @@ class CollectorDB:
                     check_same_thread=False,
                 )
                 self._conn.execute("PRAGMA journal_mode=WAL")
-                self._conn.execute("PRAGMA synchronous=FULL")
+                self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
                 self.location = str(settings.sqlite_path)
         except Exception as exc:  # sqlite3.Error / psycopg.Error: say where, not a traceback
             raise LedgerError(f"cannot open the collector tables: {exc}") from None
