@@ -130,9 +130,10 @@ def open_collector(settings: Settings, limits: dict[str, int] | None = None) -> 
     writer, so a second collector on the same ledger is refused.
     """
     # The graph's connection skips the fsync per commit: the events are the ledger's, synced
-    # by it; a graph that lost its last commit to a power cut heals (the same identifiers
-    # mint the same ids, lost links come back as merges with the same event ids), and a
-    # second fsync per group of requests costs more than all the graph's other work.
+    # by it; a graph that lost its last commit to a power cut mostly heals (the same
+    # identifiers mint the same ids; a lost link comes back as a merge when its identifiers
+    # are next seen together), and a second fsync per group costs more than the rest of
+    # the graph's work.
     db = CollectorDB(settings, durable=False)
     closers: list[Callable[[], None]] = [db.close]
     try:
