@@ -82,6 +82,9 @@ TABLES = [
     )""",
     "CREATE INDEX IF NOT EXISTS collector_identifiers_customer "
     "ON collector_identifiers (customer_id)",
+    # A merge re-points earlier merges (merged_into); a restart reads MAX(created_seq).
+    "CREATE INDEX IF NOT EXISTS collector_customers_merged ON collector_customers (merged_into)",
+    "CREATE INDEX IF NOT EXISTS collector_customers_seq ON collector_customers (created_seq)",
     """CREATE TABLE IF NOT EXISTS collector_merges (
         event_id TEXT PRIMARY KEY,
         from_customer TEXT NOT NULL,
@@ -231,18 +234,21 @@ class GraphResolver:
     # ------------------------------------------------------------------ cache fills
 
     def _prefetch(self, keys: Sequence[tuple[str, str]]) -> None:
-        missing = list(dict.fromkeys(k for k in keys if k not in self._owner))
-        for start in range(0, len(missing), 400):
-            chunk = missing[start : start + 400]
-            marks = ",".join("?" * len(chunk))
-            rows = self.db.query(
-                f"SELECT kind, digest, customer_id FROM collector_identifiers "
-                f"WHERE digest IN ({marks})",
-                [d for _, d in chunk],
-            )
-            found = {(r[0], r[1]): r[2] for r in rows}
-            for key in chunk:
-                self._owner[key] = found.get(key)
+        by_kind: dict[str, list[str]] = {}
+        for key in dict.fromkeys(k for k in keys if k not in self._owner):
+            by_kind.setdefault(key[0], []).append(key[1])
+        for kind, digests in by_kind.items():
+            for start in range(0, len(digests), 400):
+                chunk = digests[start : start + 400]
+                # kind first: the primary key (kind, digest) answers it, whatever the size.
+                rows = self.db.query(
+                    "SELECT digest, customer_id FROM collector_identifiers "
+                    f"WHERE kind = ? AND digest IN ({','.join('?' * len(chunk))})",
+                    [kind, *chunk],
+                )
+                found = dict(rows)
+                for digest in chunk:
+                    self._owner[(kind, digest)] = found.get(digest)
 
     def _load_customer(self, customer: str) -> None:
         if customer in self._counts:
