@@ -44,7 +44,7 @@ from typing import Any
 import duckdb
 import orjson
 import psycopg
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from ledger.generate import generate_events
 from ledger.ledger import Ledger, LedgerError
@@ -315,6 +315,43 @@ def profiles(broker: Broker, lines: list[bytes], partitions: int) -> None:
             rate = len(messages) / (time.perf_counter() - started)
         print(f"--- validate + append without Kafka (profiled): {rate:,.0f} events/s")
         print(_top(pstats.Stats(profiler)), flush=True)
+    print(f"--- batch consumer instead of faust: {batch_consumer_drain(broker, lines, partitions)}")
+
+
+def batch_consumer_drain(broker: Broker, lines: list[bytes], partitions: int) -> dict[str, float]:
+    """What a worker without faust's per-message machinery would do: kafka-python polls whole
+    batches into the same IngestProcessor (no group, no dead letters: a measurement only)."""
+    with database() as url, tempfile.TemporaryDirectory() as tmp:
+        settings = settings_for(broker, Path(tmp), url, partitions)
+        create_topics(settings)
+        with Publisher(settings) as pub:
+            for line in lines:
+                pub.publish(line)
+        consumer = KafkaConsumer(
+            bootstrap_servers=settings.kafka,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+            max_poll_records=5_000,
+        )
+        tps = [TopicPartition(settings.topic_touchpoints, p) for p in range(partitions)]
+        consumer.assign(tps)
+        with Ledger.open(settings) as ledger:
+            proc = IngestProcessor(ledger, settings.topic_touchpoints)
+            for tp, offset in proc.resume_offsets(range(partitions)).items():
+                consumer.seek(tps[tp], offset)
+            started = time.perf_counter()
+            while ledger.position < len(lines):
+                polled = consumer.poll(timeout_ms=200, max_records=5_000)
+                messages = [
+                    Message(r.topic, r.partition, r.offset, r.key, r.value)
+                    for records in polled.values()
+                    for r in records
+                ]
+                if messages:
+                    proc.commit(proc.prepare(messages), messages)
+            elapsed = time.perf_counter() - started
+        consumer.close()
+    return {"events_per_s": len(lines) / elapsed, "seconds": elapsed}
 
 
 def latency(broker: Broker, rate: int, seconds: float, partitions: int) -> dict[str, float]:
