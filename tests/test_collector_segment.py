@@ -6,10 +6,12 @@ import datetime as dt
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ledger.collector.segment import map_message
 from ledger.collector.touch import MappingError, normalise_phone
-from ledger.contract import parse_event
+from ledger.contract import ContractError, parse_event
 
 RECEIVED = dt.datetime(2026, 11, 1, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -152,3 +154,76 @@ def test_messages_without_an_id_get_a_content_derived_event_id() -> None:
 )
 def test_phone_normalisation_to_e164(given: str, expected: str | None) -> None:
     assert normalise_phone(given) == expected
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_TIMES = st.datetimes(
+    min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30), timezones=st.just(dt.UTC)
+).map(lambda t: t.isoformat())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "type": st.sampled_from(["track", "page", "identify", "screen", "group", "alias"])
+            | _JSON,
+            "event": st.sampled_from(
+                ["Order Completed", "Order Refunded", "Form Submitted", "chat_message", "Clicked"]
+            )
+            | _JSON,
+            "userId": st.text(max_size=5) | _JSON,
+            "anonymousId": st.text(max_size=5) | _JSON,
+            "previousId": _JSON,
+            "groupId": _JSON,
+            "name": _JSON,
+            "messageId": _JSON,
+            "timestamp": _TIMES | _JSON,
+            "originalTimestamp": _TIMES | _JSON,
+            "sentAt": _TIMES | _JSON,
+            "context": st.fixed_dictionaries({}, optional={"page": _JSON, "traits": _JSON}) | _JSON,
+            "traits": st.fixed_dictionaries(
+                {}, optional={"email": _JSON | st.emails(), "phone": _JSON, "name": _JSON}
+            )
+            | _JSON,
+            "properties": st.fixed_dictionaries(
+                {},
+                optional={
+                    "url": _JSON,
+                    "order_id": _JSON,
+                    "total": _JSON,
+                    "revenue": _JSON,
+                    "currency": _JSON,
+                    "products": st.lists(st.fixed_dictionaries({}, optional={"quantity": _JSON})),
+                    "form_id": _JSON,
+                    "fields": _JSON,
+                },
+            )
+            | _JSON,
+        },
+    ),
+    _TIMES | _JSON,
+)
+def test_any_message_is_mapped_or_refused_with_sentences_never_raises(
+    msg: dict[str, Any], batch_sent_at: Any
+) -> None:
+    try:
+        touch = map_message(msg, source="s", received_at=RECEIVED, batch_sent_at=batch_sent_at)
+    except MappingError as exc:
+        assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
+        return
+    try:
+        parse_event(dict(touch.event, customer_id="cus_x"))
+    except ContractError as exc:
+        assert exc.problems

@@ -11,10 +11,14 @@ from urllib.parse import urlencode
 import orjson
 import pytest
 import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collector_server import Server, add_source
 from conftest import TEST_MASTER_KEY
-from ledger.collector.touch import event_id
+from ledger.collector.touch import MappingError, event_id
+from ledger.collector.webhooks import map_chat, map_sendgrid, map_social, map_twilio_call
+from ledger.contract import ContractError, parse_event
 from ledger.ledger import Ledger, RecordedEvent
 from ledger.settings import Settings
 
@@ -313,3 +317,105 @@ def test_generic_json_webhooks_for_chat_and_social(served: tuple[Server, dict[st
     assert missing_id.json()["rejected"][0]["problems"][0].startswith("id: missing")
     social_key_for_chat = post(server, "/webhooks/chat", keys["social"], data=orjson.dumps(chat))
     assert social_key_for_chat.status_code == 403
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def _mapped_or_refused(mapper: Any, item: Any) -> None:
+    received = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    try:
+        touch = mapper(item, source="s", received_at=received)
+    except MappingError as exc:
+        assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
+        return
+    if touch is None:  # a Twilio progress status
+        return
+    try:
+        parse_event(dict(touch.event, customer_id="cus_x"))
+    except ContractError as exc:
+        assert exc.problems
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "event": st.sampled_from(
+                [
+                    "processed",
+                    "delivered",
+                    "open",
+                    "click",
+                    "bounce",
+                    "deferred",
+                    "dropped",
+                    "spamreport",
+                    "unsubscribe",
+                ]
+            )
+            | _JSON,
+            "email": st.emails() | _JSON,
+            "timestamp": st.integers() | st.floats() | _JSON,
+            "sg_event_id": st.text(min_size=1, max_size=5) | _JSON,
+            "sg_message_id": _JSON,
+            "url": _JSON,
+            "reason": _JSON,
+            "type": st.sampled_from(["bounce", "blocked"]) | _JSON,
+            "marketing_campaign_id": _JSON,
+        },
+    )
+    | _JSON
+)
+def test_any_sendgrid_event_is_mapped_or_refused_never_raises(item: Any) -> None:
+    _mapped_or_refused(map_sendgrid, item)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            k: st.text(max_size=30)
+            for k in (
+                "CallSid",
+                "CallStatus",
+                "Direction",
+                "From",
+                "To",
+                "CallDuration",
+                "Timestamp",
+                "AnsweredBy",
+            )
+        },
+    ),
+    st.sampled_from(["completed", "busy", "no-answer", "failed", "ringing"]),
+)
+def test_any_twilio_callback_is_mapped_or_refused_never_raises(
+    form: dict[str, str], status: str
+) -> None:
+    _mapped_or_refused(lambda f, **kw: map_twilio_call(f, **kw), form)
+    _mapped_or_refused(
+        lambda f, **kw: map_twilio_call(f, **kw),
+        {"CallSid": "CA1", "From": "+14155552671", **form, "CallStatus": status},
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(_JSON, _JSON)
+def test_any_chat_or_social_item_is_mapped_or_refused_never_raises(chat: Any, social: Any) -> None:
+    for mapper, item in ((map_chat, chat), (map_social, social)):
+        _mapped_or_refused(mapper, item)
+        if isinstance(item, dict):
+            _mapped_or_refused(mapper, {"id": "x", **item, "contact": item, "author": item})

@@ -87,6 +87,19 @@ def _decimal_text(value: Any, field_name: str) -> str:
     return str(amount)
 
 
+def _quantity(product: Any) -> int:
+    """A product line's quantity (Segment's ecommerce spec); 1 when not given."""
+    if not isinstance(product, dict) or product.get("quantity") is None:
+        return 1
+    quantity = product["quantity"]
+    if isinstance(quantity, bool) or not isinstance(quantity, int | float | str):
+        raise MappingError([f"products[].quantity: {quantity!r} is not a whole number"])
+    try:
+        return int(quantity)
+    except (ValueError, OverflowError):
+        raise MappingError([f"products[].quantity: {quantity!r} is not a whole number"]) from None
+
+
 def _occurred_at(msg: dict[str, Any], received_at: dt.datetime, batch_sent_at: Any) -> dt.datetime:
     stamp = parse_time(msg.get("timestamp"), "timestamp") or parse_time(
         msg.get("originalTimestamp"), "originalTimestamp"
@@ -96,7 +109,15 @@ def _occurred_at(msg: dict[str, Any], received_at: dt.datetime, batch_sent_at: A
         return received_at
     if sent is None:
         return stamp
-    return received_at - (sent - stamp)
+    try:
+        return received_at - (sent - stamp)
+    except OverflowError:
+        raise MappingError(
+            [
+                "timestamp: the clock-skew correction (receivedAt - (sentAt - timestamp)) is out "
+                "of range; expected sentAt and timestamp from the same clock"
+            ]
+        ) from None
 
 
 def _message_id(msg: dict[str, Any]) -> str:
@@ -119,9 +140,7 @@ def _track(name: str, props: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             },
         }
         if isinstance(products, list) and products:
-            payload["items"] = sum(
-                int(p.get("quantity", 1)) if isinstance(p, dict) else 1 for p in products
-            )
+            payload["items"] = sum(_quantity(p) for p in products)
         return "order_placed", payload
     if snake == "order_refunded":
         return "order_refunded", {

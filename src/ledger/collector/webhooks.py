@@ -117,7 +117,7 @@ def _touch(
 def map_sendgrid(item: Any, *, source: str, received_at: dt.datetime) -> Touch:
     if not isinstance(item, dict):
         raise MappingError([f"event: expected a JSON object, got {type(item).__name__}"])
-    kind = item.get("event")
+    kind = item.get("event") if isinstance(item.get("event"), str) else repr(item.get("event"))
     sg_event_id = plain_id(item.get("sg_event_id"))
     if not sg_event_id:
         raise MappingError(["sg_event_id: missing; SendGrid sends one with every event"])
@@ -125,11 +125,12 @@ def map_sendgrid(item: Any, *, source: str, received_at: dt.datetime) -> Touch:
     if not address:
         raise MappingError([f"email: {str(item.get('email'))[:60]!r} is not an email address"])
     stamp = item.get("timestamp")
-    occurred = (
-        dt.datetime.fromtimestamp(stamp, dt.UTC)
-        if isinstance(stamp, int | float) and not isinstance(stamp, bool)
-        else received_at
-    )
+    occurred = received_at
+    if isinstance(stamp, int | float) and not isinstance(stamp, bool):
+        try:
+            occurred = dt.datetime.fromtimestamp(stamp, dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            raise MappingError([f"timestamp: {stamp!r} is not a Unix time in seconds"]) from None
     message = plain_id(item.get("sg_message_id")) or plain_id(item.get("smtp-id"))
     if message and ".filter" in message:
         message = message.split(".filter", 1)[0]
