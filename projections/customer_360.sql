@@ -1,8 +1,8 @@
 -- customer_360: one row per customer. `customer_facts` is recomputed from `events` for the
 -- customers a batch touched (the `affected` temp table), so late events land correctly;
--- `customer_360_source` adds identifiers, lifecycle, RFM and churn risk, and the
--- `customer_360` table holds its rows (refreshed for the affected customers each batch,
--- and for everyone when RFM and churn risk are recomputed), so a lookup is one row read.
+-- `customer_360_base` adds identifiers and lifecycle (refreshed for the affected customers
+-- each batch) and the `customer_360` view joins RFM and churn risk, which are recomputed on
+-- their own schedule. Snapshots hold customer_360 as a table.
 
 -- "Latest" means by event time, ties by ledger position; the pair is packed into one
 -- HUGEINT key (epoch microseconds * 10^12 + position) for arg_max, twice as fast as a
@@ -82,28 +82,21 @@ FROM mine m
 LEFT JOIN tickets t ON t.customer_id = m.customer_id
 GROUP BY m.customer_id;
 
--- name: source
--- The joins that make a customer_360 row (a view the runner reads from).
-CREATE OR REPLACE VIEW customer_360_source AS
-SELECT
-    f.customer_id,
-    i.email, i.phone, i.name, i.user_id, i.anonymous_id, i.social_handle,
-    f.erased, f.forgotten_at,
-    f.first_seen, f.last_seen, f.last_contact_at, f.last_contact_channel,
-    f.events, f.web_events, f.email_events, f.chat_events, f.call_events, f.social_events,
-    f.commerce_events, f.support_events, f.system_events,
-    f.page_viewed, f.form_submitted, f.email_sent, f.email_opened, f.email_clicked,
-    f.email_bounced, f.chat_message, f.call_completed, f.social_mention, f.order_placed,
-    f.order_refunded, f.ticket_opened, f.ticket_resolved, f.consent_changed,
-    f.orders, f.revenue, f.refunds, f.net_revenue, f.currencies,
-    f.first_order_at, f.last_order_at, f.open_tickets,
-    f.consent_email_marketing, f.consent_sms_marketing, f.consent_call_marketing,
-    f.consent_tracking, f.consent_profiling,
-    l.stage AS lifecycle_stage, l.since AS lifecycle_since,
-    r.r_score, r.f_score, r.m_score, r.segment AS rfm_segment,
-    c.method AS churn_method, c.p_alive, c.expected_purchases_90d, c.risk_band AS churn_risk
+-- name: base
+-- customer_360_base: facts, identifiers and lifecycle (changed by batches only).
+CREATE TABLE IF NOT EXISTS customer_360_base AS
+SELECT f.customer_id,
+       NULL::VARCHAR AS email, NULL::VARCHAR AS phone, NULL::VARCHAR AS name,
+       NULL::VARCHAR AS user_id, NULL::VARCHAR AS anonymous_id, NULL::VARCHAR AS social_handle,
+       f.* EXCLUDE (customer_id),
+       NULL::VARCHAR AS lifecycle_stage, NULL::TIMESTAMPTZ AS lifecycle_since
 FROM customer_facts f
-LEFT JOIN (
+WITH NO DATA;
+
+-- name: refresh_affected
+DELETE FROM customer_360_base WHERE customer_id IN (SELECT customer_id FROM affected);
+INSERT INTO customer_360_base
+WITH ids AS (
     SELECT customer_id,
            any_value(value) FILTER (WHERE field = 'email') AS email,
            any_value(value) FILTER (WHERE field = 'phone') AS phone,
@@ -112,21 +105,26 @@ LEFT JOIN (
            any_value(value) FILTER (WHERE field = 'anonymous_id') AS anonymous_id,
            any_value(value) FILTER (WHERE field = 'social_handle') AS social_handle
     FROM customer_identifiers
+    WHERE customer_id IN (SELECT customer_id FROM affected)
     GROUP BY customer_id
-) i ON i.customer_id = f.customer_id
-LEFT JOIN lifecycle l ON l.customer_id = f.customer_id
-LEFT JOIN rfm r ON r.customer_id = f.customer_id
-LEFT JOIN churn_risk c ON c.customer_id = f.customer_id;
+),
+stages AS (
+    SELECT customer_id, stage, since FROM lifecycle
+    WHERE customer_id IN (SELECT customer_id FROM affected)
+)
+SELECT f.customer_id, i.email, i.phone, i.name, i.user_id, i.anonymous_id, i.social_handle,
+       f.* EXCLUDE (customer_id), l.stage, l.since
+FROM customer_facts f
+LEFT JOIN ids i ON i.customer_id = f.customer_id
+LEFT JOIN stages l ON l.customer_id = f.customer_id
+WHERE f.customer_id IN (SELECT customer_id FROM affected);
 
--- name: table
-CREATE TABLE IF NOT EXISTS customer_360 AS SELECT * FROM customer_360_source WITH NO DATA;
-
--- name: refresh_affected
-DELETE FROM customer_360 WHERE customer_id IN (SELECT customer_id FROM affected);
-INSERT INTO customer_360
-SELECT * FROM customer_360_source WHERE customer_id IN (SELECT customer_id FROM affected);
-
--- name: refresh_all
--- After rfm / churn_risk are recomputed every row's scores may change.
-DELETE FROM customer_360;
-INSERT INTO customer_360 SELECT * FROM customer_360_source;
+-- name: view
+-- customer_360: the base row plus RFM and churn risk (recomputed on their own schedule).
+CREATE OR REPLACE VIEW customer_360 AS
+SELECT b.*,
+       r.r_score, r.f_score, r.m_score, r.segment AS rfm_segment,
+       c.method AS churn_method, c.p_alive, c.expected_purchases_90d, c.risk_band AS churn_risk
+FROM customer_360_base b
+LEFT JOIN rfm r ON r.customer_id = b.customer_id
+LEFT JOIN churn_risk c ON c.customer_id = b.customer_id;

@@ -4,11 +4,17 @@
 -- name: schema
 CREATE TABLE IF NOT EXISTS projection_state (
     id               INTEGER PRIMARY KEY CHECK (id = 1),
-    position         BIGINT NOT NULL,      -- last ledger position applied to every table below
-    derived_position BIGINT NOT NULL,      -- position rfm / churn_* were last computed at
-    as_of_setting    TIMESTAMPTZ,          -- --as-of given by the user; NULL = latest event time
-    as_of            TIMESTAMPTZ,          -- reference date rfm / churn_* were computed for
-    changes          BIGINT NOT NULL       -- last lifecycle_changes.seq
+    position         BIGINT NOT NULL,      -- last ledger position applied to the tables below
+    changes          BIGINT NOT NULL,      -- last lifecycle_changes.seq
+    as_of_setting    TIMESTAMPTZ           -- --as-of given by the user; NULL = latest event time
+);
+
+-- rfm, churn_risk and churn_model are recomputed apart from the batches (in --follow, by a
+-- background thread), so their state lives in its own row.
+CREATE TABLE IF NOT EXISTS derived_state (
+    id               INTEGER PRIMARY KEY CHECK (id = 1),
+    derived_position BIGINT NOT NULL,      -- ledger position rfm / churn_* were computed at
+    as_of            TIMESTAMPTZ           -- the reference date they were computed for
 );
 
 -- A columnar copy of the ledger's clear (non-personal) fields, one row per event.
@@ -181,4 +187,5 @@ CREATE TABLE IF NOT EXISTS churn_model (
     message          VARCHAR NOT NULL
 );
 
-INSERT INTO projection_state VALUES (1, 0, 0, NULL, NULL, 0) ON CONFLICT DO NOTHING;
+INSERT INTO projection_state VALUES (1, 0, 0, NULL) ON CONFLICT DO NOTHING;
+INSERT INTO derived_state VALUES (1, 0, NULL) ON CONFLICT DO NOTHING;

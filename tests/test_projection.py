@@ -172,7 +172,7 @@ def test_scripted_journey_in_every_table(settings: Settings, tmp_path: Path) -> 
                     ).fetchall()[0][0],
                     s[2],
                 )
-            state = one(con, "SELECT * FROM projection_state")
+            state = one(con, "SELECT * FROM projection_state, derived_state")
             assert state["position"] == state["derived_position"] == 16
             assert state["as_of"] == t("2026-09-01T10:00:00Z")
 

@@ -77,24 +77,28 @@ class ProjectionRunner:
             ) from None
         _x(self.con, "SET TimeZone = 'UTC'")
         _x(self.con, f"SET memory_limit = '{memory_limit}'")
+        if _x(
+            self.con,
+            "SELECT count(*) FROM information_schema.columns "
+            "WHERE table_name = 'projection_state' AND column_name = 'derived_position'",
+        ) == [(1,)]:
+            raise LedgerError(
+                f"the projections at {self.path} were written by an older layout; "
+                "run `ledger project --rebuild`"
+            )
         _x(self.con, sql("schema", "schema"))
         if self.con.execute("SELECT count(*) FROM rfm_segments").fetchall()[0] == (0,):
             self.con.register("segments_in", segment_table())
             _x(self.con, "INSERT INTO rfm_segments SELECT * FROM segments_in")
             self.con.unregister("segments_in")
-        if _x(
-            self.con,
-            "SELECT count(*) FROM information_schema.tables "
-            "WHERE table_name = 'customer_360' AND table_type = 'VIEW'",
-        ) == [(1,)]:
-            _x(self.con, "DROP VIEW customer_360")  # files from before it was a table
-        _x(self.con, sql("customer_360", "source"))
-        _x(self.con, sql("customer_360", "table"))
+        _x(self.con, sql("customer_360", "base"))
+        _x(self.con, sql("customer_360", "view"))
         self._threads = int(_x(self.con, "SELECT current_setting('threads')")[0][0])
         self._threads_now = self._threads
         self._published_at = 0.0
         self._derived_at = 0.0
         self._dirty = False
+        self._background = False
         if snapshot_to is not None:
             snapshot.remove_stale(snapshot_to)
 
@@ -119,11 +123,13 @@ class ProjectionRunner:
 
     # ------------------------------------------------------------------ state
 
-    def _state(self) -> tuple[int, int, int]:
-        row = self.con.execute(
-            "SELECT position, derived_position, changes FROM projection_state"
-        ).fetchall()[0]
-        assert row is not None
+    def _state(self, con: duckdb.DuckDBPyConnection | None = None) -> tuple[int, int, int]:
+        """(applied position, position the derived tables reflect, last change seq)."""
+        row = _x(
+            con or self.con,
+            "SELECT p.position, d.derived_position, p.changes "
+            "FROM projection_state p, derived_state d",
+        )[0]
         return int(row[0]), int(row[1]), int(row[2])
 
     @property
@@ -133,11 +139,8 @@ class ProjectionRunner:
 
     def set_as_of(self, as_of: dt.datetime | None) -> None:
         """Fix the RFM / churn reference date (None: the latest event time in the ledger)."""
-        _x(
-            self.con,
-            "UPDATE projection_state SET as_of_setting = ?, derived_position = -1",
-            [as_of],
-        )
+        _x(self.con, "UPDATE projection_state SET as_of_setting = ?", [as_of])
+        _x(self.con, "UPDATE derived_state SET derived_position = -1")
 
     # ------------------------------------------------------------------ applying
 
@@ -158,7 +161,11 @@ class ProjectionRunner:
             if on_progress:
                 head = max(head, rows[-1].position)
                 on_progress(rows[-1].position, head)
-            if self.snapshot_to and time.monotonic() - self._published_at >= self.snapshot_interval:
+            if (
+                self.snapshot_to
+                and not self._background
+                and time.monotonic() - self._published_at >= self.snapshot_interval
+            ):
                 self.publish()
         return applied
 
@@ -340,26 +347,36 @@ class ProjectionRunner:
 
     # ------------------------------------------------------------------ derived
 
-    def refresh_derived(self, *, force: bool = False) -> bool:
-        """Recompute rfm, churn_risk and churn_model if the applied position moved."""
-        position, derived, _ = self._state()
-        if derived == position and not force:
-            return False
-        con = self.con
-        self._use_threads(self._threads)
-        row = con.execute(
-            "SELECT coalesce((SELECT as_of_setting FROM projection_state), "
-            "(SELECT max(occurred_at) FROM events))"
-        ).fetchall()[0]
-        as_of = row[0] if row else None
+    def refresh_derived(
+        self, *, force: bool = False, con: duckdb.DuckDBPyConnection | None = None
+    ) -> bool:
+        """Recompute rfm, churn_risk and churn_model if the applied position moved.
+
+        ``con`` may be another connection (cursor) to this database: ``follow`` runs this
+        in a background thread while batches go on. It writes only rfm, churn_* and
+        derived_state, which batches never touch, so the two never conflict, and it reads
+        one consistent state (its own transaction).
+        """
+        con = con or self.con
+        if con is self.con:
+            self._use_threads(self._threads)
         _x(con, "BEGIN")
         try:
+            position, derived, _ = self._state(con)
+            if derived == position and not force:
+                _x(con, "ROLLBACK")
+                return False
+            row = _x(
+                con,
+                "SELECT coalesce((SELECT as_of_setting FROM projection_state), "
+                "(SELECT max(occurred_at) FROM events))",
+            )[0]
+            as_of = row[0] if row else None
             _x(con, "DELETE FROM rfm; DELETE FROM churn_risk; DELETE FROM churn_model")
             if as_of is not None:
                 _x(con, sql("rfm", "compute"), {"as_of": as_of})
-                self._churn(as_of, position)
-            _x(con, sql("customer_360", "refresh_all"))
-            _x(con, "UPDATE projection_state SET derived_position = position, as_of = ?", [as_of])
+                self._churn(con, as_of, position)
+            _x(con, "UPDATE derived_state SET derived_position = ?, as_of = ?", [position, as_of])
             _x(con, "COMMIT")
         except BaseException:
             _x(con, "ROLLBACK")
@@ -371,8 +388,7 @@ class ProjectionRunner:
         self._dirty = True
         return True
 
-    def _churn(self, as_of: dt.datetime, position: int) -> None:
-        con = self.con
+    def _churn(self, con: duckdb.DuckDBPyConnection, as_of: dt.datetime, position: int) -> None:
         summary = con.execute(sql("churn", "summary"), {"as_of": as_of}).fetchnumpy()
         engaged = con.execute(sql("churn", "engagement"), {"as_of": as_of}).fetchnumpy()
         buyers = [str(c) for c in summary["customer_id"]]
@@ -466,13 +482,13 @@ class ProjectionRunner:
 
     # ------------------------------------------------------------------ publishing
 
-    def publish(self) -> None:
+    def publish(self, con: duckdb.DuckDBPyConnection | None = None) -> None:
         """Publish a snapshot for readers (no-op without a snapshot path)."""
         if self.snapshot_to is None:
             return
-        snapshot.publish(self.con, self.snapshot_to)
-        self._published_at = time.monotonic()
         self._dirty = False
+        snapshot.publish(con or self.con, self.snapshot_to)
+        self._published_at = time.monotonic()
 
     def run(
         self,
@@ -500,28 +516,53 @@ class ProjectionRunner:
     ) -> None:
         """Keep applying new events until ``stop`` is set (always between transactions).
 
-        Meanwhile other processes query through the socket (``serve_at``), which sees
-        each batch as soon as it commits; snapshots are published at most every
-        ``snapshot_interval`` seconds for readers of the file.
+        Batches are applied here as soon as they appear; a background thread recomputes
+        rfm / churn (every ``derive_interval`` s) and publishes snapshots (every
+        ``snapshot_interval`` s) on its own connection, so neither delays a batch. Other
+        processes query through the socket (``serve_at``), which sees each batch as soon
+        as it commits.
         """
+        if self.snapshot_to is not None and not self.snapshot_to.exists():
+            self.publish()
         server = serve.QueryServer(self.con, self.serve_at) if self.serve_at else None
+        done = threading.Event()
+        failure: list[BaseException] = []
+        worker = threading.Thread(
+            target=self._maintain, args=(done, failure), name="projection-maintenance"
+        )
+        self._background = True
+        worker.start()
         try:
-            if self.snapshot_to is not None and not self.snapshot_to.exists():
-                self.publish()
-            while not stop.is_set():
+            while not stop.is_set() and not failure:
                 applied = self.catch_up(on_progress=on_progress, stop=stop)
-                now = time.monotonic()
-                if now - self._derived_at >= self.derive_interval:
-                    self.refresh_derived()
-                if self._dirty and now - self._published_at >= self.snapshot_interval:
-                    self.publish()
                 if not applied:
                     stop.wait(poll_interval)
-            if self._dirty:
-                self.publish()
         finally:
+            done.set()
+            worker.join()
+            self._background = False
             if server is not None:
                 server.close()
+        if failure:
+            raise failure[0]
+        if self._dirty:
+            self.publish()
+
+    def _maintain(self, done: threading.Event, failure: list[BaseException]) -> None:
+        con = self.con.cursor()
+        try:
+            _x(con, "SET TimeZone = 'UTC'")
+            while not done.is_set():
+                now = time.monotonic()
+                if now - self._derived_at >= self.derive_interval:
+                    self.refresh_derived(con=con)
+                if self._dirty and now - self._published_at >= self.snapshot_interval:
+                    self.publish(con)
+                done.wait(0.05)
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            con.close()
 
 
 def _floats(values: list[float | None]) -> pa.Array:

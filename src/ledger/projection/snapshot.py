@@ -32,6 +32,7 @@ SNAPSHOT_TABLES: tuple[str, ...] = (
     "churn_risk",
     "churn_model",
     "projection_state",
+    "derived_state",
 )
 
 
