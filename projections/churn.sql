@@ -19,16 +19,34 @@ FROM (
 GROUP BY customer_id
 ORDER BY customer_id;
 
--- name: engagement
--- Every customer's last engagement up to $as_of: the last event the customer did
--- themselves (not email_sent / email_bounced, not outbound chat or calls, not system
--- events). The fallback rule for customers the model does not score uses it.
-SELECT customer_id,
-       max(occurred_at) FILTER (WHERE type NOT IN ('email_sent', 'email_bounced')
-                                  AND channel <> 'system'
-                                  AND coalesce(direction, 'inbound') = 'inbound')
-           AS last_activity_at
-FROM events
-WHERE occurred_at <= $as_of
-GROUP BY customer_id
-ORDER BY customer_id;
+-- name: write
+-- churn_risk for every customer with an event up to $as_of: the model's scores where the
+-- runner registered them (`churn_in`), else the engagement fallback: days since the last
+-- own action <= $low_days low, <= $medium_days medium, beyond or never high.
+INSERT INTO churn_risk
+WITH engaged AS (
+    SELECT customer_id,
+           max(occurred_at) FILTER (WHERE type NOT IN ('email_sent', 'email_bounced')
+                                      AND channel <> 'system'
+                                      AND coalesce(direction, 'inbound') = 'inbound')
+               AS last_activity_at
+    FROM events
+    WHERE occurred_at <= $as_of
+    GROUP BY customer_id
+),
+measured AS (
+    SELECT customer_id, last_activity_at,
+           epoch_us($as_of::TIMESTAMPTZ - last_activity_at) / 86400e6 AS days_inactive
+    FROM engaged
+)
+SELECT m.customer_id,
+       CASE WHEN s.customer_id IS NULL THEN 'engagement' ELSE 'bgnbd' END,
+       s.frequency, s.recency_weeks, s.age_weeks, s.p_alive, s.expected_purchases_90d,
+       m.last_activity_at, m.days_inactive,
+       coalesce(s.risk_band, CASE
+           WHEN m.days_inactive IS NULL THEN 'high'
+           WHEN m.days_inactive <= $low_days THEN 'low'
+           WHEN m.days_inactive <= $medium_days THEN 'medium'
+           ELSE 'high' END)
+FROM measured m
+LEFT JOIN churn_in s ON s.customer_id = m.customer_id;

@@ -56,8 +56,8 @@ class ProjectionRunner:
         snapshot_to: Path | None = None,
         serve_at: Path | None = None,
         batch_size: int = 50_000,
-        snapshot_interval: float = 2.0,
-        derive_interval: float = 5.0,
+        snapshot_interval: float = 5.0,
+        derive_interval: float = 30.0,
         memory_limit: str = "1GB",
     ):
         self.ledger = ledger
@@ -389,75 +389,49 @@ class ProjectionRunner:
         return True
 
     def _churn(self, con: duckdb.DuckDBPyConnection, as_of: dt.datetime, position: int) -> None:
-        summary = con.execute(sql("churn", "summary"), {"as_of": as_of}).fetchnumpy()
-        engaged = con.execute(sql("churn", "engagement"), {"as_of": as_of}).fetchnumpy()
-        buyers = [str(c) for c in summary["customer_id"]]
-        x = np.asarray(summary["frequency"], dtype=np.float64)
-        t_x = np.asarray(summary["recency_weeks"], dtype=np.float64)
-        big_t = np.asarray(summary["age_weeks"], dtype=np.float64)
+        summary = con.sql(sql("churn", "summary"), params={"as_of": as_of}).to_arrow_table()
+        x = summary.column("frequency").to_numpy().astype(np.float64)
+        t_x = summary.column("recency_weeks").to_numpy().astype(np.float64)
+        big_t = summary.column("age_weeks").to_numpy().astype(np.float64)
         fitted: churn.BgNbdFit | None = None
         message = f"fewer than {churn.MIN_CUSTOMERS} purchasing customers; not fitted"
-        if len(buyers) >= churn.MIN_CUSTOMERS:
+        if summary.num_rows >= churn.MIN_CUSTOMERS:
             fitted = churn.fit(x, t_x, big_t)
             message = fitted.message
         # Only a converged fit scores customers; otherwise everyone gets the fallback.
         model = fitted if fitted is not None and fitted.converged else None
-        as_of_us = int(as_of.timestamp() * 1_000_000)
-        last_seen: dict[str, int | None] = {}
-        for customer, seen in zip(
-            engaged["customer_id"], engaged["last_activity_at"].tolist(), strict=True
-        ):
-            last_seen[str(customer)] = _epoch_us(seen)
-        scores: dict[
-            str,
-            tuple[str, float | None, float | None, float | None, float | None, float | None, str],
-        ] = {}
         if model is not None:
             p = churn.p_alive(model, x, t_x, big_t)
             e = churn.expected_purchases(
                 model, churn.HORIZON_DAYS / churn.DAYS_PER_UNIT, x, t_x, big_t
             )
-            for i, customer in enumerate(buyers):
-                scores[customer] = (
-                    "bgnbd",
-                    float(x[i]),
-                    float(t_x[i]),
-                    float(big_t[i]),
-                    float(p[i]),
-                    float(e[i]),
-                    churn.risk_band(float(p[i])),
-                )
-        customers = sorted(last_seen)
-        rows = []
-        inactive: list[float | None] = []
-        for customer in customers:
-            seen_us = last_seen[customer]
-            days = None if seen_us is None else (as_of_us - seen_us) / 86_400e6
-            inactive.append(days)
-            rows.append(
-                scores.get(customer)
-                or ("engagement", None, None, None, None, None, churn.engagement_band(days))
+            band = np.where(
+                p >= churn.LOW_RISK_P_ALIVE,
+                "low",
+                np.where(p >= churn.MEDIUM_RISK_P_ALIVE, "medium", "high"),
             )
-        con.register(
-            "churn_in",
-            pa.table(
-                {
-                    "customer_id": pa.array(customers, pa.string()),
-                    "method": pa.array([r[0] for r in rows], pa.string()),
-                    "frequency": pa.array(
-                        [None if r[1] is None else int(r[1]) for r in rows], pa.int64()
-                    ),
-                    "recency_weeks": _floats([r[2] for r in rows]),
-                    "age_weeks": _floats([r[3] for r in rows]),
-                    "p_alive": _floats([r[4] for r in rows]),
-                    "expected_purchases_90d": _floats([r[5] for r in rows]),
-                    "last_activity_at": pa.array([last_seen[c] for c in customers], _TS),
-                    "days_inactive": pa.array(inactive, pa.float64()),
-                    "risk_band": pa.array([r[6] for r in rows], pa.string()),
-                }
-            ),
+            scored = summary.append_column("p_alive", _floats(p)).append_column(
+                "expected_purchases_90d", _floats(e)
+            )
+            scored = scored.append_column("risk_band", pa.array(band, pa.string()))
+        else:
+            scored = summary.slice(0, 0)
+            for name, kind in (
+                ("p_alive", pa.float64()),
+                ("expected_purchases_90d", pa.float64()),
+                ("risk_band", pa.string()),
+            ):
+                scored = scored.append_column(name, pa.array([], kind))
+        con.register("churn_in", scored)
+        _x(
+            con,
+            sql("churn", "write"),
+            {
+                "as_of": as_of,
+                "low_days": churn.ENGAGEMENT_LOW_DAYS,
+                "medium_days": churn.ENGAGEMENT_MEDIUM_DAYS,
+            },
         )
-        _x(con, "INSERT INTO churn_risk SELECT * FROM churn_in")
         con.register(
             "model_in",
             pa.table(
@@ -465,7 +439,7 @@ class ProjectionRunner:
                     "as_of": pa.array([as_of], _TS),
                     "position": pa.array([position], pa.int64()),
                     "time_unit": [churn.TIME_UNIT],
-                    "customers": pa.array([len(buyers)], pa.int64()),
+                    "customers": pa.array([summary.num_rows], pa.int64()),
                     "r": pa.array([fitted.r if fitted else None], pa.float64()),
                     "alpha": pa.array([fitted.alpha if fitted else None], pa.float64()),
                     "a": pa.array([fitted.a if fitted else None], pa.float64()),
@@ -524,6 +498,9 @@ class ProjectionRunner:
         """
         if self.snapshot_to is not None and not self.snapshot_to.exists():
             self.publish()
+        position, derived, _ = self._state()
+        if position == derived:
+            self._derived_at = time.monotonic()  # fresh already: wait a full interval
         server = serve.QueryServer(self.con, self.serve_at) if self.serve_at else None
         done = threading.Event()
         failure: list[BaseException] = []
@@ -565,7 +542,7 @@ class ProjectionRunner:
             con.close()
 
 
-def _floats(values: list[float | None]) -> pa.Array:
+def _floats(values: Any) -> pa.Array:
     """Floats with NaN (a model that cannot say) stored as NULL."""
     return pa.array(values, pa.float64(), from_pandas=True)
 
@@ -573,18 +550,6 @@ def _floats(values: list[float | None]) -> pa.Array:
 def _x(con: duckdb.DuckDBPyConnection, query: str, params: Any = None) -> list[Any]:
     """Execute and drain: DuckDB 2 blocks a connection while a result is unfetched."""
     return con.execute(query, params).fetchall()
-
-
-def _epoch_us(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, np.datetime64):
-        if np.isnat(value):
-            return None
-        return int(value.astype("datetime64[us]").astype(np.int64))
-    if isinstance(value, dt.datetime):
-        return int(value.timestamp() * 1_000_000)
-    raise TypeError(f"not a timestamp: {value!r}")
 
 
 def _history_table(rows: list[tuple[str, int, lifecycle.Change | None]]) -> pa.Table:
