@@ -228,7 +228,7 @@ def timed(fn: Any, repeat: int = 3) -> tuple[float, Any]:
 def bench_sql_vs_pandas(home: Path) -> dict[str, Any]:
     with duckdb.connect(str(settings_for(home).projections_path), read_only=True) as src:
         events = src.sql("SELECT * FROM events").to_arrow_table()
-        as_of = src.execute("SELECT as_of FROM projection_state").fetchall()[0][0]
+        as_of = src.execute("SELECT as_of FROM derived_state").fetchall()[0][0]
     mem = duckdb.connect()
     mem.execute("SET TimeZone = 'UTC'")
     mem.execute(sql("schema", "schema"))
@@ -263,7 +263,7 @@ def bench_sql_vs_pandas(home: Path) -> dict[str, Any]:
     assert n_sql_360 == len(pd_360), (n_sql_360, len(pd_360))
     assert n_sql_rfm == len(pd_rfm), (n_sql_rfm, len(pd_rfm))
     same = mem.execute("SELECT customer_id, segment FROM rfm").df().set_index("customer_id")
-    both = same.join(pd_rfm.set_index("customer_id")["segment"], rsuffix="_pandas")
+    both = same.join(pd_rfm.set_index("customer_id")["segment"].rename("segment_pandas"))
     agree = (both["segment"] == both["segment_pandas"]).mean()
     mem.close()
     return {
