@@ -225,6 +225,35 @@ def test_forgetting_unlinks_the_whole_person_and_a_return_is_a_new_customer(
         forget_identities(graph.db, "cus_nope")
 
 
+def test_a_cache_that_starts_over_resolves_exactly_as_a_full_one(tmp_path: Path) -> None:
+    script = [
+        page("c1"),
+        identify(user="cu1", anon="c2"),
+        identify(anon="c1", email="c@x.example"),
+        identify(user="cu1", anon="c1"),
+        identify(user="cu2", email="c@x.example"),
+        page("c2"),
+    ]
+    results = []
+    for cache_limit in (1_000_000, 1):
+        g = Graph(tmp_path / f"cache-{cache_limit}")
+        g.resolver.cache_limit = cache_limit
+        try:
+            results.append(
+                (
+                    [g.send(m)[0] for m in script],
+                    g.events("customers_merged"),
+                    len(g.resolver._owner),
+                )
+            )
+        finally:
+            g.close()
+    (full, full_merges, all_cached), (small, small_merges, cached) = results
+    assert small == full
+    assert [e.payload for e in small_merges] == [e.payload for e in full_merges]
+    assert all_cached == 5 and cached < all_cached  # the small one did start over
+
+
 def test_rollback_leaves_the_graph_as_it_was(graph: Graph) -> None:
     touch = segment.map_message(identify(user="u9", anon="a9"), source="s", received_at=NOW)
     graph.resolver.resolve([touch])

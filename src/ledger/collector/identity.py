@@ -207,11 +207,18 @@ class GraphResolver:
     """Resolves touches against the identity graph (see the module docstring)."""
 
     def __init__(
-        self, db: CollectorDB, pseudonyms: Pseudonyms, limits: dict[str, int] | None = None
+        self,
+        db: CollectorDB,
+        pseudonyms: Pseudonyms,
+        limits: dict[str, int] | None = None,
+        *,
+        cache_limit: int = 1_000_000,
     ):
         self.db = db
         self.pseudonyms = pseudonyms
         self.limits = dict(limits or DEFAULT_LIMITS)
+        #: Identifiers kept in memory (~200 B each) before the cache starts over from the tables.
+        self.cache_limit = cache_limit
         db.create(TABLES)
         self._reset()
 
@@ -347,8 +354,10 @@ class GraphResolver:
     # ------------------------------------------------------------------ resolving
 
     def resolve(self, touches: list[Touch]) -> list[dict[str, Any]]:
-        if _generation(self.db) != self._generation:
-            self._reset()  # someone forgot a customer: the cached graph is stale
+        if _generation(self.db) != self._generation or len(self._owner) > self.cache_limit:
+            # Someone forgot a customer (the cache is stale), or the cache is full: start over
+            # from the tables. Only between groups: nothing is pending now.
+            self._reset()
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         keyed = [
             sorted(
