@@ -395,12 +395,12 @@ def latency(broker: Broker, rate: int, seconds: float, partitions: int) -> dict[
                             answer = query("SELECT position FROM projection_state", settings)
                             position = int(answer.column(0)[0].as_py())
                         except (LedgerError, duckdb.Error, OSError):
-                            time.sleep(0.02)
+                            time.sleep(0.05)
                             continue
                         projected_at.setdefault(position, time.perf_counter())
                         if stop.is_set() and position >= after and len(seen_at) >= len(events):
                             return
-                        time.sleep(0.02)
+                        time.sleep(0.05)
 
                 watcher = threading.Thread(target=watch, daemon=True)
                 watcher.start()
