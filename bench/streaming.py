@@ -89,7 +89,7 @@ def settings_for(broker: Broker, home: Path, store_url: str, partitions: int) ->
         topic_dlq=f"touchpoints-{tag}.dlq",
         topic_lifecycle=f"lifecycle-{tag}",
         consumer_group=f"bench-{tag}",
-        **client_settings(broker.bootstrap),  # type: ignore[arg-type]
+        **client_settings(broker.bootstrap),
     )
 
 
