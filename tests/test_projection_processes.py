@@ -154,6 +154,18 @@ def test_query_and_subscribe_while_follow_writes(sqlite_settings: Settings, tmp_
             with pytest.raises(LedgerError, match="read-only"):
                 query("DELETE FROM customer_360", sqlite_settings)
             assert serve.socket_path(sqlite_settings).exists()
+            # One writer per file: a second runner, or a rebuild, is refused with a sentence.
+            for args in (("project",), ("project", "--rebuild")):
+                second = subprocess.run(
+                    _ledger_cmd(*args), env=env, capture_output=True, text=True, timeout=120
+                )
+                flat = " ".join(second.stderr.split())
+                assert second.returncode == 1, flat
+                assert (
+                    "stop `ledger project` first" in flat
+                    or "another `ledger project` running" in flat
+                ), flat
+                assert "Traceback" not in flat
             cli = subprocess.run(
                 _ledger_cmd("query", "SELECT position FROM projection_state", "--format", "json"),
                 env=env,
