@@ -78,7 +78,7 @@ def test_invalid_event_raises_at_the_caller_naming_the_field_and_is_not_sent(
         bad = build_event("cus_00002", "order_placed", payload={"order_id": "o-1"})
         with pytest.raises(ContractError) as caught:
             publisher.publish_many([good, bad])
-        assert any(p.startswith("payload.total:") for p in caught.value.problems)
+        assert any(p.startswith("events[1]: payload.total:") for p in caught.value.problems)
         assert publisher.flush().delivered == 0
     assert _end_offsets(kafka_settings) == 0
 

@@ -32,7 +32,13 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
-from ledger.contract import Envelope, cloudevent_headers, parse_event, parse_line
+from ledger.contract import (
+    ContractError,
+    Envelope,
+    cloudevent_headers,
+    parse_event,
+    parse_line,
+)
 from ledger.ledger import LedgerError
 from ledger.settings import Settings
 from ledger.topics import require_bootstrap
@@ -140,8 +146,15 @@ class Publisher:
         return envelope
 
     def publish_many(self, events: Iterable[EventInput]) -> int:
-        """Validate every event first (nothing is sent if one is invalid), then send them all."""
-        envelopes = [to_envelope(e, strict=self.strict) for e in events]
+        """Validate every event first (nothing is sent if one is invalid), then send them all.
+
+        An invalid event raises ContractError with each problem prefixed by its index."""
+        envelopes = []
+        for index, event in enumerate(events):
+            try:
+                envelopes.append(to_envelope(event, strict=self.strict))
+            except ContractError as exc:
+                raise ContractError([f"events[{index}]: {p}" for p in exc.problems]) from None
         for envelope in envelopes:
             self._send(envelope)
         return len(envelopes)
