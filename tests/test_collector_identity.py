@@ -265,8 +265,9 @@ def test_rollback_leaves_the_graph_as_it_was(graph: Graph) -> None:
 def test_limits_option_errors_are_sentences() -> None:
     with pytest.raises(LedgerError, match="--limit 'fax=2': expected KIND=N"):
         parse_limits(["fax=2"])
-    with pytest.raises(LedgerError, match="N >= 1"):
-        parse_limits(["email=0"])
+    for bad in ("email=0", "email=²", "email=", "email=-1"):
+        with pytest.raises(LedgerError, match="N >= 1"):
+            parse_limits([bad])
 
 
 @pytest.fixture

@@ -134,7 +134,8 @@ def parse_limits(items: Iterable[str]) -> dict[str, int]:
     limits = dict(DEFAULT_LIMITS)
     for item in items:
         kind, _, number = item.partition("=")
-        if kind not in DEFAULT_LIMITS or not number.isdigit() or int(number) < 1:
+        well_formed = number.isascii() and number.isdigit()  # "²".isdigit() is true
+        if kind not in DEFAULT_LIMITS or not well_formed or int(number) < 1:
             raise LedgerError(
                 f"--limit {item!r}: expected KIND=N with N >= 1 and KIND one of "
                 + ", ".join(DEFAULT_LIMITS)

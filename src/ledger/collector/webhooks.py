@@ -199,7 +199,7 @@ def map_twilio_call(form: dict[str, str], *, source: str, received_at: dt.dateti
     if outcome == "answered" and form.get("AnsweredBy", "").startswith("machine"):
         outcome = "voicemail"
     duration = form.get("CallDuration", "0")
-    if not duration.isdigit():
+    if not (duration.isascii() and duration.isdigit()):  # "²".isdigit() is true
         raise MappingError([f"CallDuration: {duration[:20]!r} is not a number of seconds"])
     occurred = received_at
     if form.get("Timestamp"):

@@ -61,7 +61,7 @@ class Collector:
             400, "too_large", f"request body: the {what} is over the limit of {limit // 1024} KB"
         )
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise too_big
         chunks: list[bytes] = []
         size = 0
