@@ -13,7 +13,7 @@ SELECT customer_id,
            AS age_weeks
 FROM (
     SELECT customer_id, CAST(timezone('UTC', occurred_at) AS DATE) AS d
-    FROM events
+    FROM purchases
     WHERE type = 'order_placed' AND occurred_at <= $as_of
 )
 GROUP BY customer_id

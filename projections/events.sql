@@ -33,3 +33,9 @@ FROM (
 -- name: affected
 CREATE OR REPLACE TEMP TABLE affected AS
 SELECT DISTINCT customer_id FROM batch_raw;
+
+-- name: purchases
+INSERT INTO purchases
+SELECT customer_id, position, type, occurred_at, order_id, amount, currency
+FROM events
+WHERE position > $after AND type IN ('order_placed', 'order_refunded');

@@ -18,8 +18,8 @@ WITH base AS (
            count(*) FILTER (WHERE type = 'order_placed') AS frequency,
            coalesce(sum(amount) FILTER (WHERE type = 'order_placed'), 0)
              - coalesce(sum(amount) FILTER (WHERE type = 'order_refunded'), 0) AS monetary
-    FROM events
-    WHERE type IN ('order_placed', 'order_refunded') AND occurred_at <= $as_of
+    FROM purchases
+    WHERE occurred_at <= $as_of
     GROUP BY customer_id
     HAVING count(*) FILTER (WHERE type = 'order_placed') > 0
 ),

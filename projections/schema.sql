@@ -48,6 +48,17 @@ CREATE TABLE IF NOT EXISTS events (
     has_personal     BOOLEAN NOT NULL
 );
 
+-- The order facts RFM and churn read (a small slice of `events`, kept as batches land).
+CREATE TABLE IF NOT EXISTS purchases (
+    customer_id      VARCHAR NOT NULL,
+    position         BIGINT NOT NULL,
+    type             VARCHAR NOT NULL,     -- order_placed | order_refunded
+    occurred_at      TIMESTAMPTZ NOT NULL,
+    order_id         VARCHAR,
+    amount           DECIMAL(18, 4),
+    currency         VARCHAR
+);
+
 -- Latest value of each identifier per customer (decrypted; erased by forget).
 CREATE TABLE IF NOT EXISTS customer_identifiers (
     customer_id      VARCHAR NOT NULL,

@@ -197,6 +197,7 @@ class ProjectionRunner:
             con.register("batch_identifiers", identifiers)
             _x(con, sql("events", "load"))
             _x(con, sql("events", "affected"))
+            _x(con, sql("events", "purchases"), {"after": after})
             _x(con, sql("identifiers", "erase"))
             _x(con, sql("identifiers", "merge"), {"after": after})
             _x(con, sql("customer_360", "refresh"))
