@@ -186,6 +186,16 @@ class IngestProcessor:
                     self._seek_again(p, first)
                     batch.skipped += 1
                     continue
+                if first is None:
+                    # Liveness over certainty here: the broker holds offset m.offset, so a
+                    # probe that finds nothing means it could not answer in time.
+                    log.warning(
+                        "partition %d: could not confirm the hole %d..%d on the broker; "
+                        "taking it as real",
+                        p,
+                        nxt,
+                        m.offset - 1,
+                    )
             expected[p] = m.offset + 1
             if m.offset > batch.last_offsets.get(p, -1):
                 batch.last_offsets[p] = m.offset
