@@ -214,3 +214,48 @@ def test_cli_publish_without_broker_fails_with_a_sentence(tmp_path: Path) -> Non
     assert result.exit_code == 1
     assert "cannot reach a Kafka broker" in result.output
     assert "Traceback" not in result.output
+
+
+def test_deliver_reports_only_its_own_events_to_each_thread(kafka_settings: Settings) -> None:
+    create_topics(kafka_settings)
+    results: dict[int, int] = {}
+    with Publisher(kafka_settings) as publisher:
+
+        def request(n: int) -> None:
+            events = [build_event(f"cus_{n:05d}") for _ in range(40)]
+            results[n] = publisher.deliver(events).delivered
+
+        threads = [threading.Thread(target=request, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # deliver() keeps its events out of flush()'s report: nothing is counted twice.
+        assert publisher.flush().delivered == 0
+    assert results == {0: 40, 1: 40, 2: 40, 3: 40}
+    records = read_topic(kafka_settings.kafka or "", kafka_settings.topic_touchpoints)
+    assert len(records) == 160
+
+
+def test_deliver_to_a_dead_broker_names_every_event_it_sent(
+    own_broker: Any, tmp_path: Path
+) -> None:
+    settings = Settings(
+        home=tmp_path,
+        partitions=2,
+        **client_settings(own_broker.bootstrap)
+        | {"kafka_delivery_timeout_ms": "2000", "kafka_request_timeout_ms": "1000"},
+    )
+    create_topics(settings)
+    publisher = Publisher(settings)
+    try:
+        assert publisher.deliver([build_event()]).delivered == 1
+        own_broker.kill()
+        events = [build_event(f"cus_{i:05d}") for i in range(5)]
+        with pytest.raises(DeliveryError) as caught:
+            publisher.deliver(events, timeout=4)
+        assert {f.event_id for f in caught.value.report.failed} == {e["event_id"] for e in events}
+        assert caught.value.report.delivered == 0
+    finally:
+        with contextlib.suppress(PublishError):
+            publisher.close(timeout=0.1)

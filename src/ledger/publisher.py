@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,24 +150,43 @@ class Publisher:
         """Validate every event first (nothing is sent if one is invalid), then send them all.
 
         An invalid event raises ContractError with each problem prefixed by its index."""
-        envelopes = []
-        for index, event in enumerate(events):
-            try:
-                envelopes.append(to_envelope(event, strict=self.strict))
-            except ContractError as exc:
-                raise ContractError([f"events[{index}]: {p}" for p in exc.problems]) from None
+        envelopes = self._validate_all(events)
         for envelope in envelopes:
             self._send(envelope)
         return len(envelopes)
 
-    def _send(self, event: Envelope) -> None:
+    def deliver(self, events: Iterable[EventInput], timeout: float | None = None) -> FlushReport:
+        """Validate, send and wait for the acknowledgement of exactly these events.
+
+        Unlike :meth:`flush`, which reports everything sent since the previous flush, this
+        concerns only the events given, so threads sharing one Publisher (an HTTP server's
+        requests, say) each learn the fate of their own. Raises ContractError (nothing
+        sent) or :class:`DeliveryError` naming the events that were not acknowledged."""
+        envelopes = self._validate_all(events)
+        sent = [(e, self._send_untracked(e)) for e in envelopes]
+        limit = self._flush_limit() if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        report = FlushReport()
+        for event, future in sent:
+            try:
+                future.get(timeout=max(0.0, deadline - time.monotonic()))
+                report.delivered += 1
+            except KafkaError as exc:
+                report.failed.append(
+                    DeliveryFailure(str(event.event_id), event.customer_id, str(exc) or repr(exc))
+                )
+        if report.failed:
+            raise DeliveryError(report)
+        return report
+
+    def _send_untracked(self, event: Envelope) -> Any:
         if self._closed:
             raise PublishError("the publisher is closed")
-        event_id, customer = str(event.event_id), event.customer_id
+        event_id = str(event.event_id)
         try:
-            future = self._producer.send(
+            return self._producer.send(
                 self.topic,
-                key=customer.encode(),
+                key=event.customer_id.encode(),
                 value=encode(event),
                 headers=cloudevent_headers(event),
             )
@@ -178,6 +198,19 @@ class Publisher:
             ) from None
         except KafkaError as exc:
             raise PublishError(f"Kafka refused event {event_id}: {exc}") from None
+
+    def _validate_all(self, events: Iterable[EventInput]) -> list[Envelope]:
+        envelopes = []
+        for index, event in enumerate(events):
+            try:
+                envelopes.append(to_envelope(event, strict=self.strict))
+            except ContractError as exc:
+                raise ContractError([f"events[{index}]: {p}" for p in exc.problems]) from None
+        return envelopes
+
+    def _send(self, event: Envelope) -> None:
+        event_id, customer = str(event.event_id), event.customer_id
+        future = self._send_untracked(event)
         with self._lock:
             self._sequence += 1
             number = self._sequence
@@ -207,12 +240,7 @@ class Publisher:
         ``timeout`` are reported as failed (they may still arrive: resending them is safe,
         the ledger stores an event_id once).
         """
-        limit = (
-            timeout
-            if timeout is not None
-            else (self.settings.kafka_delivery_timeout_ms + self.settings.kafka_request_timeout_ms)
-            / 1000
-        )
+        limit = self._flush_limit() if timeout is None else timeout
         with contextlib.suppress(KafkaTimeoutError):
             self._producer.flush(timeout=limit)
         with self._lock:
@@ -225,6 +253,12 @@ class Publisher:
         if report.failed and raise_on_failure:
             raise DeliveryError(report)
         return report
+
+    def _flush_limit(self) -> float:
+        # By delivery_timeout the producer has settled every record; a request may be in flight.
+        return (
+            self.settings.kafka_delivery_timeout_ms + self.settings.kafka_request_timeout_ms
+        ) / 1000
 
     @property
     def pending(self) -> int:
