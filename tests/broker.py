@@ -8,7 +8,10 @@ the broker's own output when the process dies instead.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
+import ctypes.util
 import importlib.resources
 import os
 import signal
@@ -32,9 +35,17 @@ TEST_CLIENT_ENV = {
 }
 
 
+_PR_SET_PDEATHSIG = 1
 _TANSU_ENV = frozenset(
     {"CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE", "SCHEMA_REGISTRY"}
 )
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends SIGTERM when the test process dies (even -9)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def client_settings(bootstrap: str) -> dict[str, str]:
@@ -83,6 +94,8 @@ class Broker:
         self.binary = tansu_binary()
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        # A test run that ends without the fixture's teardown must not leave brokers behind.
+        atexit.register(self.close)
         # Kept open across restarts and closed in close(): the broker appends its output here.
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115
             prefix="tansu-", suffix=".log", delete=False
@@ -105,6 +118,7 @@ class Broker:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
