@@ -15,10 +15,8 @@ from ledger.cli.output import EXIT_USAGE, console, err_console, fail, progress
 from ledger.contract import ContractError
 from ledger.deadletter import DeadLetters
 from ledger.ledger import LedgerError
-from ledger.publisher import DeliveryError, Publisher
 from ledger.settings import Settings
 from ledger.sources import OversizedLine, read_csv, read_jsonl
-from ledger.topics import create_topics
 
 topics_app = typer.Typer(help="Kafka topics of the distributed mode.", no_args_is_help=True)
 worker_app = typer.Typer(help="Distributed-mode workers (faust-streaming).", no_args_is_help=True)
@@ -34,6 +32,8 @@ def topics_create(
 
     Existing topics are left alone; a partition count that differs from the one asked
     for is reported, since workers and keys depend on it."""
+    from ledger.topics import create_topics  # kafka-python loads only when used
+
     settings = Settings()
     try:
         statuses = create_topics(settings, partitions)
@@ -124,6 +124,8 @@ def publish(
     if file != "-" and not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         fail(f"{file}: {what}; expected a JSONL or CSV file (or '-' for stdin)", EXIT_USAGE)
+    from ledger.publisher import DeliveryError, Publisher  # kafka-python loads only when used
+
     kind = fmt or ("csv" if file.lower().endswith(".csv") else "jsonl")
     settings = Settings()
     lines = published = 0
