@@ -10,7 +10,9 @@ set-at-a-time for the customers the batch touched (so late events land where
 they occurred). RFM and churn risk depend on a reference date over all
 customers; they are recomputed when the runner catches up with the ledger
 (``refresh_derived``), in their own transaction, recording the position they
-reflect.
+reflect; in ``follow`` a background thread does that and publishes snapshots on
+its own connection, while a socket serves read-only queries
+(:mod:`ledger.projection.serve`).
 """
 
 from __future__ import annotations
