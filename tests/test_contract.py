@@ -344,3 +344,18 @@ def test_null_optional_fields_count_as_absent(make_event: MakeEvent, ledger: Led
     assert only_problem(make_event("cus_nulls", "page_viewed", payload={"url": None})).startswith(
         "payload.url:"
     )
+
+
+def test_unknown_field_that_cannot_be_stored_is_rejected_not_crashing(
+    make_event: MakeEvent, ledger: Ledger
+) -> None:
+    huge = 2**70
+    data = make_event("cus_big_int", "page_viewed")
+    data["payload"]["scroll_depth"] = huge
+    result = ledger.append([data, make_event("cus_big_int", "page_viewed")])
+    assert result.accepted == 1
+    [rejection] = result.rejected
+    assert rejection.reason.startswith("payload.scroll_depth:") and "64 bits" in rejection.reason
+    assert only_problem(
+        make_event("cus_big_int", "page_viewed", payload={"url": "u", "duration_ms": huge})
+    ).startswith("payload.duration_ms:")

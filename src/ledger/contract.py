@@ -30,6 +30,7 @@ application/json, ``dataschema`` = ``schemas/<type>.schema.json``.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from decimal import Decimal
 from typing import Annotated, Any, Literal, NotRequired, Union
 from uuid import UUID
@@ -169,7 +170,7 @@ class PageViewed(TypedDict):
     url: Url
     title: NotRequired[Annotated[str, Field(max_length=500)] | None]
     referrer: NotRequired[Annotated[str, Field(max_length=2048)] | None]
-    duration_ms: NotRequired[Annotated[int, Field(ge=0)] | None]
+    duration_ms: NotRequired[Annotated[int, Field(ge=0, le=2**53)] | None]
 
 
 @with_config(_ALLOW)
@@ -554,9 +555,9 @@ def _finish(event: dict[str, Any], strict: bool, now: dt.datetime | None) -> Eve
             ]
         )
     event["occurred_at"] = occurred
-    if strict:
-        extra = extras_of(event)
-        if extra:
+    extra = extras_of(event)
+    if extra:
+        if strict:
             raise ContractError(
                 [
                     f"{name}: unknown field (given {_describe(value)}); strict mode accepts "
@@ -564,7 +565,22 @@ def _finish(event: dict[str, Any], strict: bool, now: dt.datetime | None) -> Eve
                     for name, value in extra.items()
                 ]
             )
+        _check_storable(extra)
     return Event(event)
+
+
+def _check_storable(extra: dict[str, Any]) -> None:
+    """Unknown fields are stored as JSON as given: each must survive canonical encoding."""
+    for name, value in extra.items():
+        try:
+            orjson.dumps(value)
+        except TypeError:
+            raise ContractError(
+                [
+                    f"{name}: {_describe(value)} cannot be stored; expected JSON whose "
+                    "integers fit in 64 bits"
+                ]
+            ) from None
 
 
 def parse_line(raw: bytes | str, *, strict: bool = False, now: dt.datetime | None = None) -> Event:
@@ -601,8 +617,13 @@ def parse_event(
         raise ContractError([f"event: expected a JSON object, got {type(data).__name__}"])
     try:
         raw = orjson.dumps(data, default=str)
-    except TypeError as exc:
-        raise ContractError([f"event: cannot be encoded as JSON ({exc})"]) from None
+    except TypeError:
+        # orjson refuses integers beyond 64 bits; the standard library encodes them, so
+        # validation can name the field that holds one.
+        try:
+            raw = json.dumps(data, default=str).encode()
+        except (TypeError, ValueError) as exc:
+            raise ContractError([f"event: cannot be encoded as JSON ({exc})"]) from None
     return parse_line(raw, strict=strict, now=now)
 
 
