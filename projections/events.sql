@@ -39,3 +39,16 @@ INSERT INTO purchases
 SELECT customer_id, position, type, occurred_at, order_id, amount, currency
 FROM events
 WHERE position > $after AND type IN ('order_placed', 'order_refunded');
+
+-- name: touches
+-- $types: the event types the lifecycle rules look at (lifecycle.RELEVANT_TYPES).
+INSERT INTO touches
+SELECT customer_id, position, CAST(event_id AS VARCHAR), type, epoch_us(occurred_at),
+       form_id, direction, outcome, sentiment, satisfaction
+FROM events
+WHERE position > $after AND type IN (SELECT unnest($types));
+
+-- name: forgotten
+INSERT INTO forgotten
+SELECT customer_id, position FROM events
+WHERE position > $after AND type = 'customer_forgotten';

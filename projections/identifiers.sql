@@ -8,8 +8,8 @@
 DELETE FROM customer_identifiers i
 USING (
     SELECT customer_id, max(position) AS forgotten_at_position
-    FROM events
-    WHERE type = 'customer_forgotten' AND customer_id IN (SELECT customer_id FROM affected)
+    FROM forgotten
+    WHERE position > $after
     GROUP BY customer_id
 ) f
 WHERE i.customer_id = f.customer_id AND i.position < f.forgotten_at_position;
@@ -19,10 +19,9 @@ INSERT INTO customer_identifiers
 WITH batch AS (
     SELECT position, customer_id, occurred_at FROM events WHERE position > $after
 ),
-forgotten AS (
+last_forget AS (
     SELECT customer_id, max(position) AS at_position
-    FROM events
-    WHERE type = 'customer_forgotten'
+    FROM forgotten
     GROUP BY customer_id
 )
 SELECT customer_id, field,
@@ -31,7 +30,7 @@ SELECT customer_id, field,
        arg_max(position, epoch_us(occurred_at)::HUGEINT * 1000000000000 + position)
 FROM batch_identifiers b
 JOIN batch e USING (position)
-LEFT JOIN forgotten f USING (customer_id)
+LEFT JOIN last_forget f USING (customer_id)
 WHERE e.position > coalesce(f.at_position, 0)
 GROUP BY customer_id, field
 ON CONFLICT (customer_id, field) DO UPDATE SET

@@ -4,16 +4,11 @@
 
 -- name: touches
 -- Every lifecycle-relevant event of each customer who has one in this batch.
-SELECT e.customer_id, e.position, CAST(e.event_id AS VARCHAR) AS event_id, e.type,
-       epoch_us(e.occurred_at) AS occurred_us, e.form_id, e.direction, e.outcome,
-       e.sentiment, e.satisfaction
-FROM events e
-WHERE e.type IN (SELECT unnest($types))
-  AND e.customer_id IN (
-      SELECT DISTINCT customer_id FROM events
-      WHERE position > $after AND type IN (SELECT unnest($types))
-  )
-ORDER BY e.customer_id, e.position;
+SELECT customer_id, position, event_id, type, occurred_us, form_id, direction, outcome,
+       sentiment, satisfaction
+FROM touches
+WHERE customer_id IN (SELECT DISTINCT customer_id FROM touches WHERE position > $after)
+ORDER BY customer_id, position;
 
 -- name: clear
 DELETE FROM lifecycle_history WHERE customer_id IN (SELECT customer_id FROM history_batch);

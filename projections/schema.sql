@@ -59,6 +59,26 @@ CREATE TABLE IF NOT EXISTS purchases (
     currency         VARCHAR
 );
 
+-- The events the lifecycle rules look at (a slice of `events`, kept as batches land).
+CREATE TABLE IF NOT EXISTS touches (
+    customer_id      VARCHAR NOT NULL,
+    position         BIGINT NOT NULL,
+    event_id         VARCHAR NOT NULL,
+    type             VARCHAR NOT NULL,
+    occurred_us      BIGINT NOT NULL,      -- occurred_at in epoch microseconds
+    form_id          VARCHAR,
+    direction        VARCHAR,
+    outcome          VARCHAR,
+    sentiment        VARCHAR,
+    satisfaction     INTEGER
+);
+
+-- The position of each customer's last `customer_forgotten` event.
+CREATE TABLE IF NOT EXISTS forgotten (
+    customer_id      VARCHAR NOT NULL,
+    position         BIGINT NOT NULL
+);
+
 -- Latest value of each identifier per customer (decrypted; erased by forget).
 CREATE TABLE IF NOT EXISTS customer_identifiers (
     customer_id      VARCHAR NOT NULL,
@@ -199,6 +219,10 @@ CREATE TABLE IF NOT EXISTS churn_model (
     converged        BOOLEAN NOT NULL,
     message          VARCHAR NOT NULL
 );
+
+-- The layout version (runner.LAYOUT_VERSION): a file of another layout needs --rebuild.
+CREATE TABLE IF NOT EXISTS projection_layout (version INTEGER NOT NULL);
+INSERT INTO projection_layout SELECT 2 WHERE NOT EXISTS (SELECT 1 FROM projection_layout);
 
 INSERT INTO projection_state VALUES (1, 0, 0, NULL) ON CONFLICT DO NOTHING;
 INSERT INTO derived_state VALUES (1, 0, NULL) ON CONFLICT DO NOTHING;

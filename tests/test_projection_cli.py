@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 
@@ -203,3 +204,16 @@ def test_change_iterator_resumes_without_gaps_or_repeats(
             direct = list(sub.iter_changes(again.con, 0, page=97))
         assert direct == received
         assert received[0].to_json()["occurred_at"].endswith("Z")
+
+
+def test_a_file_of_another_layout_asks_for_a_rebuild(loaded: Settings) -> None:
+    loaded.home.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(loaded.projections_path)) as con:
+        con.execute("CREATE TABLE projection_state (id INTEGER, position BIGINT)")
+    refused = run(loaded, "project")
+    assert refused.returncode == 1
+    assert "run `ledger project --rebuild`" in " ".join(refused.stderr.split())
+    assert "Traceback" not in refused.stderr
+    rebuilt = run(loaded, "project", "--rebuild")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "(1,500 events applied)" in rebuilt.stdout

@@ -44,6 +44,8 @@ _PERSONAL_MARK = b'"personal":"'
 _EVENT_ID_MARK = b'"event_id":"'
 _TS = pa.timestamp("us", tz="UTC")
 _SMALL_BATCH = 2_000
+#: The table layout of projections/schema.sql; a file of another layout needs --rebuild.
+LAYOUT_VERSION = 2
 ProgressFn = Callable[[int, int], None]
 
 
@@ -79,15 +81,7 @@ class ProjectionRunner:
             ) from None
         _x(self.con, "SET TimeZone = 'UTC'")
         _x(self.con, f"SET memory_limit = '{memory_limit}'")
-        if _x(
-            self.con,
-            "SELECT count(*) FROM information_schema.columns "
-            "WHERE table_name = 'projection_state' AND column_name = 'derived_position'",
-        ) == [(1,)]:
-            raise LedgerError(
-                f"the projections at {self.path} were written by an older layout; "
-                "run `ledger project --rebuild`"
-            )
+        self._check_layout()
         _x(self.con, sql("schema", "schema"))
         if self.con.execute("SELECT count(*) FROM rfm_segments").fetchall()[0] == (0,):
             self.con.register("segments_in", segment_table())
@@ -103,6 +97,21 @@ class ProjectionRunner:
         self._background = False
         if snapshot_to is not None:
             snapshot.remove_stale(snapshot_to)
+
+    def _check_layout(self) -> None:
+        """Refuse a file written by another table layout: its tables cannot be extended."""
+        tables = {r[0] for r in _x(self.con, "SELECT table_name FROM information_schema.tables")}
+        if "projection_state" not in tables:
+            return  # a new file
+        found = None
+        if "projection_layout" in tables:
+            found = _x(self.con, "SELECT max(version) FROM projection_layout")[0][0]
+        if found != LAYOUT_VERSION:
+            raise LedgerError(
+                f"the projections at {self.path} were written by another layout "
+                f"(version {found}, this runner writes {LAYOUT_VERSION}); "
+                "run `ledger project --rebuild`"
+            )
 
     @classmethod
     def for_settings(cls, ledger: Ledger, settings: Settings, **options: Any) -> ProjectionRunner:
@@ -200,7 +209,13 @@ class ProjectionRunner:
             _x(con, sql("events", "load"))
             _x(con, sql("events", "affected"))
             _x(con, sql("events", "purchases"), {"after": after})
-            _x(con, sql("identifiers", "erase"))
+            _x(
+                con,
+                sql("events", "touches"),
+                {"after": after, "types": list(lifecycle.RELEVANT_TYPES)},
+            )
+            _x(con, sql("events", "forgotten"), {"after": after})
+            _x(con, sql("identifiers", "erase"), {"after": after})
             _x(con, sql("identifiers", "merge"), {"after": after})
             _x(con, sql("customer_360", "refresh"))
             _x(con, sql("customer_360", "insert"))
@@ -293,7 +308,7 @@ class ProjectionRunner:
         _, _, seq = self._state()
         table = con.sql(
             sql("lifecycle", "touches"),
-            params={"types": list(lifecycle.RELEVANT_TYPES), "after": after},
+            params={"after": after},
         ).to_arrow_table()
         cols = {name: table.column(name).to_pylist() for name in table.column_names}
         by_customer: dict[str, list[lifecycle.Touch]] = {}
