@@ -14,7 +14,10 @@ DELETE FROM customer_facts WHERE customer_id IN (SELECT customer_id FROM affecte
 -- name: insert
 INSERT INTO customer_facts
 WITH mine AS (
-    SELECT * FROM events WHERE customer_id IN (SELECT customer_id FROM affected)
+    SELECT customer_id, position, type, channel, occurred_at, order_id, amount, currency,
+           ticket_id, purpose, status
+    FROM events
+    WHERE customer_id IN (SELECT customer_id FROM affected)
 ),
 tickets AS (
     SELECT customer_id, count(*) AS open_tickets
