@@ -24,7 +24,6 @@ from ledger.cli.output import EXIT_USAGE, console, err_console, fail, progress
 from ledger.ledger import Ledger, LedgerError
 from ledger.projection import snapshot
 from ledger.projection.query import query as run_query
-from ledger.projection.runner import ProjectionRunner
 from ledger.projection.subscribe import subscribe as subscribe_changes
 from ledger.settings import Settings
 
@@ -77,6 +76,9 @@ def project(
     ] = 50_000,
 ) -> None:
     """Catch every projection up with the ledger (customer_360, lifecycle, rfm, churn_risk)."""
+    # The runner pulls in scipy (the churn model): load it only for this command.
+    from ledger.projection.runner import ProjectionRunner
+
     settings = Settings()
     reference: dt.datetime | None = None
     if as_of is not None and as_of != "latest":

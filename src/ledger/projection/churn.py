@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import optimize, special
 
 TIME_UNIT = "week"
 DAYS_PER_UNIT = 7.0
@@ -62,6 +61,8 @@ def log_likelihood(
     params: Array, x: Array, t_x: Array, big_t: Array, weights: Array | None = None
 ) -> float:
     """Total log-likelihood of (r, alpha, a, b) over the customers (weighted when grouped)."""
+    from scipy import special  # scipy loads in ~0.3 s: only when a model is fitted
+
     r, alpha, a, b = params
     a1 = special.gammaln(r + x) - special.gammaln(r) + r * np.log(alpha)
     a2 = (
@@ -86,6 +87,8 @@ def log_likelihood(
 
 def fit(x: Array, t_x: Array, big_t: Array) -> BgNbdFit:
     """Maximum-likelihood (r, alpha, a, b) for the given customers."""
+    from scipy import optimize  # scipy loads in ~0.3 s: only when a model is fitted
+
     x = np.asarray(x, dtype=np.float64)
     t_x = np.asarray(t_x, dtype=np.float64)
     big_t = np.asarray(big_t, dtype=np.float64)
@@ -139,6 +142,8 @@ def expected_purchases(
     model: BgNbdFit, horizon: float, x: Array, t_x: Array, big_t: Array
 ) -> Array:
     """E[Y(horizon) | x, t_x, T]: expected purchases in the next ``horizon`` time units."""
+    from scipy import special  # scipy loads in ~0.3 s: only when a model is fitted
+
     r, alpha, a, b = model.r, model.alpha, model.a, model.b
     x = np.asarray(x, dtype=np.float64)
     z = horizon / (alpha + big_t + horizon)
