@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 from pathlib import Path
-from typing import IO, Annotated
+from typing import IO, Annotated, Any
 
 import orjson
 import typer
@@ -160,9 +160,13 @@ def ingest(
 
 
 def _summary(event: RecordedEvent) -> str:
+    text = _payload_summary(event.payload)
     if event.erased:
-        return "[dim](personal data erased)[/]"
-    p = event.payload
+        return (text + " " if text else "") + "[dim](personal data erased)[/]"
+    return text
+
+
+def _payload_summary(p: dict[str, Any]) -> str:
     for key in ("url", "form_id", "text", "subject", "order_id", "ticket_id", "purpose"):
         if key in p:
             value = p[key]
