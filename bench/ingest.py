@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--customers", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=5_000, help="events per transaction")
+    parser.add_argument("--batch", type=int, default=20_000, help="events per transaction")
     parser.add_argument("--idiomatic-events", type=int, default=20_000)
     parser.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL")
     parser.add_argument("--skip-baselines", action="store_true")

@@ -33,7 +33,12 @@ class Settings(BaseSettings):
     strict: bool = Field(
         default=False, description="Reject fields outside the contract instead of keeping them."
     )
-    batch_size: int = Field(default=5_000, ge=1, description="Events per append transaction.")
+    batch_size: int = Field(
+        default=20_000,
+        ge=1,
+        description="Events per append transaction: larger commits rewrite fewer index pages "
+        "per event (20,000 measured 34% faster than 5,000 at 1M events; 50,000 no faster).",
+    )
     sqlite_cache_mb: int = Field(default=64, ge=1, description="SQLite page cache per connection.")
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         default="FULL",
