@@ -43,7 +43,7 @@ from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from faust.types import TP
 
-from ledger.contract import ContractError, Envelope, parse_line
+from ledger.contract import ContractError, Event, parse_line
 from ledger.ledger import Ledger, StaleTracking
 from ledger.settings import Settings
 
@@ -89,7 +89,7 @@ class DeadLetter:
 
 @dataclass
 class Batch:
-    valid: list[Envelope] = field(default_factory=list)
+    valid: list[Event] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     #: partition -> last offset in this batch (recorded with the events)
     last_offsets: dict[int, int] = field(default_factory=dict)

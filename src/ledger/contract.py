@@ -452,8 +452,6 @@ class Event(dict[str, Any]):
         return orjson.dumps(self, default=str, option=_JSON_OPTIONS)
 
 
-#: Kept for callers written against the first contract module.
-Envelope = Event
 _JSON_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z
 
 
@@ -625,21 +623,6 @@ def parse_event(
         except (TypeError, ValueError) as exc:
             raise ContractError([f"event: cannot be encoded as JSON ({exc})"]) from None
     return parse_line(raw, strict=strict, now=now)
-
-
-def parse_batch(
-    lines: list[bytes], *, strict: bool = False, now: dt.datetime | None = None
-) -> tuple[list[Event], list[tuple[int, list[str]]]]:
-    """Validate many JSON documents: (valid events, [(index, problems)] of the rest)."""
-    now = now or dt.datetime.now(dt.UTC)
-    valid: list[Event] = []
-    bad: list[tuple[int, list[str]]] = []
-    for index, line in enumerate(lines):
-        try:
-            valid.append(parse_line(line, strict=strict, now=now))
-        except ContractError as exc:
-            bad.append((index, exc.problems))
-    return valid, bad
 
 
 def event_json_schemas() -> dict[str, dict[str, Any]]:

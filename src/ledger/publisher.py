@@ -35,7 +35,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 
 from ledger.contract import (
     ContractError,
-    Envelope,
+    Event,
     cloudevent_headers,
     parse_event,
     parse_line,
@@ -44,7 +44,7 @@ from ledger.ledger import LedgerError
 from ledger.settings import Settings
 from ledger.topics import require_bootstrap
 
-EventInput = dict[str, Any] | Envelope | str | bytes
+EventInput = dict[str, Any] | Event | str | bytes
 
 
 class PublishError(LedgerError):
@@ -83,14 +83,14 @@ class DeliveryError(PublishError):
         )
 
 
-def to_envelope(event: EventInput, *, strict: bool = False) -> Envelope:
+def to_envelope(event: EventInput, *, strict: bool = False) -> Event:
     """Validate one event given as a dict, a model, or JSON text/bytes (ContractError if bad)."""
     if isinstance(event, bytes | str):
         return parse_line(event, strict=strict)
     return parse_event(event, strict=strict)
 
 
-def encode(event: Envelope) -> bytes:
+def encode(event: Event) -> bytes:
     """The message value: the validated event as canonical JSON (unknown fields kept)."""
     return event.to_json()
 
@@ -140,7 +140,7 @@ class Publisher:
 
     # ------------------------------------------------------------------ sending
 
-    def publish(self, event: EventInput) -> Envelope:
+    def publish(self, event: EventInput) -> Event:
         """Validate and send one event; returns the validated event. Delivery is asynchronous."""
         envelope = to_envelope(event, strict=self.strict)
         self._send(envelope)
@@ -179,7 +179,7 @@ class Publisher:
             raise DeliveryError(report)
         return report
 
-    def _send_untracked(self, event: Envelope) -> Any:
+    def _send_untracked(self, event: Event) -> Any:
         if self._closed:
             raise PublishError("the publisher is closed")
         event_id = str(event.event_id)
@@ -199,7 +199,7 @@ class Publisher:
         except KafkaError as exc:
             raise PublishError(f"Kafka refused event {event_id}: {exc}") from None
 
-    def _validate_all(self, events: Iterable[EventInput]) -> list[Envelope]:
+    def _validate_all(self, events: Iterable[EventInput]) -> list[Event]:
         envelopes = []
         for index, event in enumerate(events):
             try:
@@ -208,7 +208,7 @@ class Publisher:
                 raise ContractError([f"events[{index}]: {p}" for p in exc.problems]) from None
         return envelopes
 
-    def _send(self, event: Envelope) -> None:
+    def _send(self, event: Event) -> None:
         event_id, customer = str(event.event_id), event.customer_id
         future = self._send_untracked(event)
         with self._lock:
