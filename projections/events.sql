@@ -3,8 +3,9 @@
 -- body is the sealed event's canonical JSON; DuckDB parses it once per row.
 
 -- name: load
+-- customer_id is the canonical customer (customer_aliases: merges, projections/merges.sql).
 INSERT INTO events
-SELECT position, customer_id, sequence,
+SELECT position, coalesce(a.canonical_id, r.customer_id), sequence,
        j.event_id, j.type, j.channel, j.occurred_at, j.recorded_at, j.source,
        j.payload.order_id,
        coalesce(j.payload.total.amount, j.payload.amount.amount),
@@ -28,11 +29,13 @@ FROM (
         }
     }') AS j
     FROM batch_raw
-);
+) r
+LEFT JOIN customer_aliases a ON a.customer_id = r.customer_id;
 
 -- name: affected
 CREATE OR REPLACE TEMP TABLE affected AS
-SELECT DISTINCT customer_id FROM batch_raw;
+SELECT DISTINCT coalesce(a.canonical_id, b.customer_id) AS customer_id
+FROM batch_raw b LEFT JOIN customer_aliases a ON a.customer_id = b.customer_id;
 
 -- name: purchases
 INSERT INTO purchases
@@ -42,10 +45,11 @@ WHERE position > $after AND type IN ('order_placed', 'order_refunded');
 
 -- name: touches
 -- $types: the event types the lifecycle rules look at (lifecycle.RELEVANT_TYPES).
+-- Keyed by the event's own stream (batch_raw), not the canonical customer.
 INSERT INTO touches
-SELECT customer_id, position, CAST(event_id AS VARCHAR), type, epoch_us(occurred_at),
+SELECT b.customer_id, position, CAST(event_id AS VARCHAR), type, epoch_us(occurred_at),
        form_id, direction, outcome, sentiment, satisfaction
-FROM events
+FROM events JOIN batch_raw b USING (position)
 WHERE position > $after AND type IN (SELECT unnest($types));
 
 -- name: forgotten

@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS purchases (
 );
 
 -- The events the lifecycle rules look at (a slice of `events`, kept as batches land).
+-- customer_id is the event's own stream (not re-keyed by merges: the lifecycle runner
+-- resolves merges as of each ledger position).
 CREATE TABLE IF NOT EXISTS touches (
     customer_id      VARCHAR NOT NULL,
     position         BIGINT NOT NULL,
@@ -220,9 +222,24 @@ CREATE TABLE IF NOT EXISTS churn_model (
     message          VARCHAR NOT NULL
 );
 
+-- Identity stitching: each `customers_merged` event (customer_id = the merged-away customer
+-- named in its payload, survivor_id = the stream it was appended to).
+CREATE TABLE IF NOT EXISTS customer_merges (
+    customer_id      VARCHAR NOT NULL,
+    survivor_id      VARCHAR NOT NULL,
+    position         BIGINT NOT NULL
+);
+
+-- Every merged-away customer and the customer it now belongs to (the end of its chain of
+-- merges). Every table except `touches` is keyed by canonical_id.
+CREATE TABLE IF NOT EXISTS customer_aliases (
+    customer_id      VARCHAR NOT NULL,
+    canonical_id     VARCHAR NOT NULL
+);
+
 -- The layout version (runner.LAYOUT_VERSION): a file of another layout needs --rebuild.
 CREATE TABLE IF NOT EXISTS projection_layout (version INTEGER NOT NULL);
-INSERT INTO projection_layout SELECT 2 WHERE NOT EXISTS (SELECT 1 FROM projection_layout);
+INSERT INTO projection_layout SELECT 3 WHERE NOT EXISTS (SELECT 1 FROM projection_layout);
 
 INSERT INTO projection_state VALUES (1, 0, 0, NULL) ON CONFLICT DO NOTHING;
 INSERT INTO derived_state VALUES (1, 0, NULL) ON CONFLICT DO NOTHING;

@@ -45,7 +45,7 @@ _EVENT_ID_MARK = b'"event_id":"'
 _TS = pa.timestamp("us", tz="UTC")
 _SMALL_BATCH = 2_000
 #: The table layout of projections/schema.sql; a file of another layout needs --rebuild.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 ProgressFn = Callable[[int, int], None]
 
 
@@ -206,8 +206,15 @@ class ProjectionRunner:
         try:
             con.register("batch_raw", batch)
             con.register("batch_identifiers", identifiers)
+            merged = any(r.type == "customers_merged" for r in rows)
+            if merged:  # identity stitching: re-key set-at-a-time (projections/merges.sql)
+                _x(con, sql("merges", "record"), {"after": after})
+                _x(con, sql("merges", "resolve"))
             _x(con, sql("events", "load"))
             _x(con, sql("events", "affected"))
+            if merged:
+                _x(con, sql("merges", "rekey"))
+                _x(con, sql("merges", "affected"))
             _x(con, sql("events", "purchases"), {"after": after})
             _x(
                 con,
@@ -306,53 +313,94 @@ class ProjectionRunner:
         """
         con = self.con
         _, _, seq = self._state()
-        table = con.sql(
-            sql("lifecycle", "touches"),
-            params={"after": after},
-        ).to_arrow_table()
+        _x(con, sql("lifecycle", "streams"), {"after": after})
+        table = con.sql(sql("lifecycle", "touches")).to_arrow_table()
         cols = {name: table.column(name).to_pylist() for name in table.column_names}
-        by_customer: dict[str, list[lifecycle.Touch]] = {}
+        merges = _x(con, sql("lifecycle", "merges"))
+        edges: dict[str, list[tuple[int, str]]] = {}
+        for gone, survivor, at in merges:
+            edges.setdefault(gone, []).append((at, survivor))
+
+        def root_at(customer: str, position: int) -> str:
+            """The customer a stream belonged to just after ``position`` (merges so far)."""
+            for _ in range(64):
+                moves = [s for at, s in edges.get(customer, ()) if at <= position]
+                if not moves:
+                    break
+                customer = moves[-1]
+            return customer
+
+        timelines: dict[str, list[lifecycle.Touch]] = {}
+        fresh: list[tuple[int, str, lifecycle.Touch | None]] = []
         for i, customer in enumerate(cols["customer_id"]):
-            by_customer.setdefault(customer, []).append(
-                lifecycle.Touch(
-                    cols["position"][i],
-                    cols["event_id"][i],
-                    cols["type"][i],
-                    cols["occurred_us"][i],
-                    cols["form_id"][i],
-                    cols["direction"][i],
-                    cols["outcome"][i],
-                    cols["sentiment"][i],
-                    cols["satisfaction"][i],
-                )
+            touch = lifecycle.Touch(
+                cols["position"][i],
+                cols["event_id"][i],
+                cols["type"][i],
+                cols["occurred_us"][i],
+                cols["form_id"][i],
+                cols["direction"][i],
+                cols["outcome"][i],
+                cols["sentiment"][i],
+                cols["satisfaction"][i],
             )
+            if touch.position <= after:
+                timelines.setdefault(root_at(customer, after), []).append(touch)
+            else:
+                fresh.append((touch.position, customer, touch))
+        fresh.extend((at, gone, None) for gone, _, at in merges if at > after)
+        fresh.sort(key=lambda f: f[0])
+        states: dict[str, lifecycle.Fold] = {}
+        for customer, timeline in timelines.items():
+            timeline.sort(key=lambda t: t.order_key)
+            states[customer] = lifecycle.fold(customer, timeline)
+        groups = set(timelines)
         history: list[tuple[str, int, lifecycle.Change | None]] = []
         emitted: list[tuple[int, int, lifecycle.Change]] = []
-        for customer, touches in by_customer.items():
-            prior = [t for t in touches if t.position <= after]
-            fresh = [t for t in touches if t.position > after]  # already in position order
-            timeline = sorted(prior, key=lambda t: t.order_key)
-            state = lifecycle.fold(customer, timeline)
-            known = {c.change_id for c in state.changes}
-            for touch in fresh:
+        merged_away: set[str] = set()
+        for position, customer, maybe in fresh:
+            if maybe is None:  # `customer` merges into another group at `position`
+                gone, into = root_at(customer, position - 1), root_at(customer, position)
+                if gone == into or gone not in timelines:
+                    continue
+                merged_away.add(gone)
+                groups.discard(gone)
+                timeline = timelines.get(into, []) + timelines.pop(gone)
+                timeline.sort(key=lambda t: t.order_key)
+                known = {c.change_id for c in states[into].changes} if into in states else set()
+                states.pop(gone)
+                state = states[into] = lifecycle.fold(into, timeline)
+                timelines[into] = timeline
+                groups.add(into)
+                new = [c for c in state.changes if c.change_id not in known]
+            else:
+                touch = maybe
+                group = root_at(customer, position)
+                groups.add(group)
+                merged_away.discard(group)
+                timeline = timelines.setdefault(group, [])
+                state = states.setdefault(group, lifecycle.Fold(group))
                 if state.last_key is None or touch.order_key > state.last_key:
                     before = len(state.changes)
                     state.step(touch)
                     timeline.append(touch)
                     new = state.changes[before:]
                 else:
+                    known = {c.change_id for c in state.changes}
                     bisect.insort(timeline, touch, key=lambda t: t.order_key)
-                    state = lifecycle.fold(customer, timeline)
+                    state = states[group] = lifecycle.fold(group, timeline)
                     new = [c for c in state.changes if c.change_id not in known]
-                    known = set()
-                known.update(c.change_id for c in state.changes)
-                for k, change in enumerate(new):
-                    emitted.append((touch.position, k, change))
+            for k, change in enumerate(new):
+                emitted.append((position, k, change))
+        by_customer = {g: states[g] for g in sorted(groups)}
+        for customer, state in by_customer.items():
             if state.changes:
                 history.extend((customer, step, c) for step, c in enumerate(state.changes, 1))
             else:
                 history.append((customer, 0, None))
-        if not by_customer:
+        for customer in sorted(merged_away | (set(edges) - groups)):
+            history.append((customer, 0, None))  # merged away: no rows of its own
+        if not history:
             con.register("history_batch", _history_table([]))
             con.register("changes_batch", _changes_table([], seq))
             return seq
