@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +35,16 @@ class _Pool(SQLiteConnectionPool):
     synchronous = "FULL"
 
     def _create_connection(self) -> SQLiteConnection:
-        conn = super()._create_connection()
+        # Switching a fresh file to WAL needs an exclusive lock, and SQLite answers "database
+        # is locked" at once (no busy wait) while another process opens the same new file.
+        for attempt in range(40):
+            try:
+                conn = super()._create_connection()
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 39:
+                    raise
+                time.sleep(min(0.02 * (attempt + 1), 0.5))
         raw = conn._sqlite_conn
         raw.execute(f"PRAGMA cache_size=-{self.cache_mb * 1024}")
         # Deleted key material is overwritten, not left in free pages.
