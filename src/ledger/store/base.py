@@ -100,13 +100,12 @@ class EventStore(abc.ABC):
     def read_stream(self, customer_id: str) -> list[StoredRow]:
         """One customer's events in sequence order."""
 
-    @abc.abstractmethod
-    def wrapped_key(self, customer_id: str) -> bytes | None: ...
+    def wrapped_key(self, customer_id: str) -> bytes | None:
+        return self.read_wrapped_keys([customer_id]).get(customer_id)
 
+    @abc.abstractmethod
     def read_wrapped_keys(self, customer_ids: Sequence[str]) -> dict[str, bytes]:
-        """Wrapped keys of many customers at once (bulk readers such as projections)."""
-        found = {c: self.wrapped_key(c) for c in customer_ids}
-        return {c: k for c, k in found.items() if k is not None}
+        """Wrapped keys of many customers in one query (bulk readers such as projections)."""
 
     @abc.abstractmethod
     def all_heads(self) -> Iterator[tuple[str, Head]]: ...

@@ -197,11 +197,12 @@ class PostgresStore(EventStore):
         )
         return [StoredRow(r[0], r[1], r[2], r[3], bytes(r[4])) for r in rows]
 
-    def wrapped_key(self, customer_id: str) -> bytes | None:
+    def read_wrapped_keys(self, customer_ids: Sequence[str]) -> dict[str, bytes]:
         rows = self._query(
-            "SELECT wrapped_key FROM ledger_keys WHERE customer_id = %s", (customer_id,)
+            "SELECT customer_id, wrapped_key FROM ledger_keys WHERE customer_id = ANY(%s)",
+            (list(customer_ids),),
         )
-        return bytes(rows[0][0]) if rows else None
+        return {r[0]: bytes(r[1]) for r in rows}
 
     def all_heads(self) -> Iterator[tuple[str, Head]]:
         for r in self._query("SELECT customer_id, last_sequence, head_hash FROM ledger_streams"):

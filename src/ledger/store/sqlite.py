@@ -213,12 +213,6 @@ class SQLiteStore(EventStore):
         )
         return [StoredRow(*r) for r in rows]
 
-    def wrapped_key(self, customer_id: str) -> bytes | None:
-        rows = self._query(
-            "SELECT wrapped_key FROM ledger_keys WHERE customer_id = ?", (customer_id,)
-        )
-        return rows[0][0] if rows else None
-
     def read_wrapped_keys(self, customer_ids: Sequence[str]) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
         for chunk in _chunks(customer_ids):
