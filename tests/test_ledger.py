@@ -110,8 +110,10 @@ def test_stored_form_is_canonical_and_personal_data_sealed(
     assert set(body) == {
         "event_id", "customer_id", "channel", "type", "occurred_at", "source",
         "schema_version", "payload", "position", "sequence", "recorded_at", "prev_hash",
-        "personal",
+        "personal", "identifier_fields",
     }  # fmt: skip
+    # The names of the sealed identifiers stay readable (projections decrypt lazily by them).
+    assert body["identifier_fields"] == ["email", "phone"]
     assert body["occurred_at"] == "2026-03-01T12:00:00Z"
     assert body["payload"] == {"conversation_id": "conv-1", "direction": "inbound"}
     assert b"sealed@example.com" not in row.state and b"hello" not in row.state

@@ -616,6 +616,10 @@ def _split_personal(event: Event) -> tuple[dict[str, Any], dict[str, Any]]:
         clear["payload"] = payload
     if extra:
         personal["extra"] = extra
+    if identifiers:
+        # Which identifiers the ciphertext holds (names, never values): a projection needs
+        # only the latest value of each, so it decrypts one event per field, not every one.
+        clear["identifier_fields"] = sorted(identifiers)
     clear.setdefault("schema_version", 1)
     return clear, personal
 
