@@ -4,12 +4,19 @@ every chain still verifies and other customers are untouched."""
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
+import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
+from collector_server import Server, add_source, cli_env
+from conftest import TEST_MASTER_KEY
 from ledger.ledger import Ledger
 from ledger.settings import Settings
 
@@ -221,3 +228,103 @@ def test_global_log_read_honours_a_forget_by_another_ledger(
         after = [e for e in runner.read(limit=100, decrypt=True) if e.customer_id == "cus_alice"]
         assert after and all(e.identifiers is None for e in after)
         assert any(e.erased for e in after)
+
+
+# --------------------------------------------------------------------------- one command
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ledger", *args],
+        capture_output=True,
+        text=True,
+        env={**cli_env(home), "COLUMNS": "300"},
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _segment(server: Server, key: str, call: str, **msg: Any) -> None:
+    answer = requests.post(
+        f"{server.url}/v1/{call}",
+        auth=(key, ""),
+        json={"messageId": str(uuid.uuid4()), **msg},
+        timeout=30,
+    )
+    assert answer.status_code == 200 and answer.json()["stored"] == 1, answer.text
+
+
+def _customers(home: Path, type_: str) -> list[str]:
+    with Ledger.open(Settings(home=home, master_key=TEST_MASTER_KEY)) as ledger:
+        return [e.customer_id for e in ledger.read(0, 10_000) if e.type == type_]
+
+
+def test_forget_also_unlinks_the_collectors_identity_graph(tmp_path: Path) -> None:
+    """`ledger forget C` is the one command: data keys of the whole (merged) person destroyed,
+    their identifiers unlinked from the graph of the running collector, so the same email or
+    cookie seen again is someone new, never the forgotten customer."""
+    home = tmp_path / "home"
+    key = add_source(home, "website", "web")
+    server = Server(home).start()
+    try:
+        _segment(server, key, "page", anonymousId="cookie-9", properties={"url": "https://s/"})
+        _segment(server, key, "identify", userId="u-9")
+        _segment(
+            server,
+            key,
+            "identify",
+            userId="u-9",
+            anonymousId="cookie-9",
+            traits={"email": "Erin@Example.org", "name": "Erin Erased"},
+        )
+        browsing, app_user, person = _customers(home, "page_viewed") + _customers(
+            home, "identity_linked"
+        )
+        assert person == browsing != app_user  # merged: the older customer survives
+
+        forgot = _cli(home, "forget", app_user, "--yes", "--reason", "art. 17")
+        assert forgot.returncode == 0, forgot.stderr
+        out = forgot.stdout.replace("\n", "")
+        assert f"forgot {browsing}, {app_user}: data key destroyed" in out
+        assert f"identifiers unlinked (with the merged customers {browsing})" in out
+        shown = _cli(home, "identities", browsing)
+        assert "identifiers unlinked at" in shown.stdout and "erin@example.org" not in shown.stdout
+
+        # The running collector honours it at once: the same identifiers make someone new.
+        _segment(server, key, "track", event="Viewed Plans", anonymousId="cookie-9")
+        _segment(
+            server, key, "identify", anonymousId="cookie-new", traits={"email": "erin@example.org"}
+        )
+        back = _customers(home, "web_event") + _customers(home, "identity_linked")[2:]
+        assert len(back) == 2 and not {browsing, app_user} & set(back)
+    finally:
+        server.stop()
+
+    with Ledger.open(Settings(home=home, master_key=TEST_MASTER_KEY)) as ledger:
+        for forgotten in (browsing, app_user):
+            history = ledger.history(forgotten)
+            assert history[-1].type == "customer_forgotten"
+            assert history[-1].payload == {"reason": "art. 17"}
+            assert all(e.identifiers is None for e in history)
+        # The newcomer's data is theirs, readable under their own key.
+        [newcomer] = [e for e in ledger.history(back[1]) if e.type == "identity_linked"]
+        assert newcomer.identifiers == {"email": "erin@example.org", "anonymous_id": "cookie-new"}
+        assert ledger.verify().ok
+    # Forgetting again finds no key but still clears the graph (idempotent), exit 0.
+    again = _cli(home, "forget", browsing, "--yes")
+    assert again.returncode == 0, again.stderr
+    assert "data key already destroyed" in again.stdout
+
+
+def test_forget_without_a_collector_leaves_no_graph_tables_behind(
+    sqlite_settings: Settings, make_event: MakeEvent
+) -> None:
+    fill(sqlite_settings, make_event)
+    forgot = _cli(sqlite_settings.home, "forget", "cus_alice", "--yes")
+    assert forgot.returncode == 0, forgot.stderr
+    assert "identity graph" not in forgot.stdout
+    with sqlite3.connect(sqlite_settings.sqlite_path) as conn:
+        tables = conn.execute(
+            "SELECT name FROM sqlite_master WHERE name LIKE 'collector%'"
+        ).fetchall()
+    assert tables == []

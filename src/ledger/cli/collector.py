@@ -140,7 +140,8 @@ def identities(
         bool,
         typer.Option(
             "--forget",
-            help="Unlink the person's identifiers from the graph (do it with `ledger forget`).",
+            help="Only unlink the person's identifiers from the graph; `ledger forget` does this "
+            "and erases their events' personal data.",
         ),
     ] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
@@ -208,7 +209,8 @@ def _forget_identities(settings: Settings, customer: str, yes: bool) -> None:
         db.close()
     console.print(
         f"unlinked the identifiers of {', '.join(group)}; a returning identifier now starts "
-        "a new customer. Their events: `ledger forget` each of " + " ".join(group)
+        f"a new customer. Their events' personal data: `ledger forget {customer}` erases it "
+        "for all of them (and unlinks the graph too, so it alone is enough)"
     )
 
 

@@ -271,21 +271,49 @@ def forget(
 
     The events stay (chains still verify); their personal fields can never be decrypted
     again. The erasure itself is recorded as a customer_forgotten event, and the
-    customer's rejected lines are removed from the dead letters."""
+    customer's rejected lines are removed from the dead letters.
+
+    When the HTTP collector's identity graph knows the customer, the whole person goes:
+    their identifiers are unlinked from the graph (an email or cookie seen again starts a
+    new customer, never this one) and every customer merged with them is forgotten too."""
+    from ledger.collector.db import CollectorDB
+    from ledger.collector.identity import forget_identities, graph_group
+
     if not yes:
         if not sys.stdin.isatty():
             fail("forget is irreversible: pass --yes to confirm without a terminal", EXIT_USAGE)
         typer.confirm(f"Irreversibly erase the personal data of {customer}?", abort=True)
     settings = Settings()
+    # The graph first: from here on no new touch resolves to this person, so nothing the
+    # collector appends can land under a key about to be destroyed.
+    db = CollectorDB(settings)
+    try:
+        group = graph_group(db, customer)
+        if group is not None:
+            group = forget_identities(db, customer)
+    finally:
+        db.close()
+    members = group or [customer]
     with _open(settings) as ledger:
-        erased = ledger.forget(customer, reason=reason)
-    purged = purge_customer(settings.rejected_dir, customer)
-    if not erased:
+        erased = [m for m in members if ledger.forget(m, reason=reason)]
+    purged = sum(purge_customer(settings.rejected_dir, m) for m in members)
+    if not erased and group is None:
         fail(f"customer {customer!r} has no data key: unknown, or already forgotten")
-    console.print(
-        f"forgot {customer}: data key destroyed"
-        + (f"; {purged} rejected line(s) removed from the dead letters" if purged else "")
-    )
+    said = [
+        f"forgot {', '.join(erased)}: data key destroyed"
+        if erased
+        else f"{customer}: data key already destroyed"
+    ]
+    if group is not None:
+        others = [m for m in group if m != customer]
+        said.append(
+            "identity graph: identifiers unlinked"
+            + (f" (with the merged customers {', '.join(others)})" if others else "")
+            + "; a returning identifier starts a new customer"
+        )
+    if purged:
+        said.append(f"{purged} rejected line(s) removed from the dead letters")
+    console.print("; ".join(said))
 
 
 # --------------------------------------------------------------------------- stats

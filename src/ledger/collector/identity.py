@@ -190,6 +190,38 @@ def forget_identities(db: CollectorDB, customer_id: str) -> list[str]:
     return group
 
 
+def graph_group(db: CollectorDB, customer_id: str) -> list[str] | None:
+    """The person ``customer_id`` belongs to in the identity graph, survivor first.
+
+    None when the database has no identity graph (the collector never ran) or the graph
+    does not know the customer; nothing is created here.
+    """
+    if db.postgres:
+        present = db.query("SELECT to_regclass('collector_customers') IS NOT NULL")[0][0]
+    else:
+        present = bool(
+            db.query(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'collector_customers'"
+            )
+        )
+    if not present:
+        return None
+    row = db.query(
+        "SELECT merged_into FROM collector_customers WHERE customer_id = ?", [customer_id]
+    )
+    if not row:
+        return None
+    survivor = row[0][0] or customer_id
+    return [survivor] + [
+        r[0]
+        for r in db.query(
+            "SELECT customer_id FROM collector_customers WHERE merged_into = ? "
+            "ORDER BY created_seq",
+            [survivor],
+        )
+    ]
+
+
 def _derived_id(*parts: str) -> str:
     return str(uuid.uuid5(EVENT_NAMESPACE, "\n".join(parts)))
 
