@@ -19,6 +19,7 @@ from ledger.collector.identity import (
     parse_limits,
     report,
 )
+from ledger.collector.signing import WebhookSigning, master_key
 from ledger.ledger import Ledger
 from ledger.settings import Settings
 
@@ -62,16 +63,25 @@ def sources_add(
 
 @sources_app.command("list")
 def sources_list() -> None:
-    """The registered sources, their channels and whether their key still works."""
+    """The registered sources, their channels, whether their key still works, and the
+    webhook signatures they require (a hint of each key or token, never the secret)."""
     db, registry = _registry()
     try:
         sources = registry.list()
+        signing = WebhookSigning(db, None).hints()
     finally:
         db.close()
-    table = Table("source", "channels", "key", "created", "status")
+    table = Table("source", "channels", "key", "created", "status", "webhook signatures")
     for s in sources:
         status = "active" if s.active else f"revoked {s.revoked_at}"
-        table.add_row(s.name, ", ".join(s.channels), s.key_prefix + "…", s.created_at, status)
+        table.add_row(
+            s.name,
+            ", ".join(s.channels),
+            s.key_prefix + "…",
+            s.created_at,
+            status,
+            "\n".join(signing.get(s.name, [])) or "-",
+        )
     console.print(table)
     if not sources:
         err_console.print("no sources yet: add one with `ledger sources add NAME --channel web`")
@@ -88,6 +98,84 @@ def sources_revoke(
     finally:
         db.close()
     console.print(f"source {source.name}: key {source.key_prefix}… revoked at {source.revoked_at}")
+
+
+def _secret_value(value: str | None, option: str) -> str | None:
+    """``-`` reads the value from stdin, so it stays out of shell history and ``ps``."""
+    if value != "-":
+        return value
+    text = sys.stdin.read().strip()
+    if not text:
+        fail(f"{option} -: nothing on stdin; pipe the value in", EXIT_USAGE)
+    return text
+
+
+@sources_app.command("signing")
+def sources_signing(
+    name: Annotated[str, typer.Argument(help="The source whose webhook requests to check.")],
+    sendgrid_key: Annotated[
+        str | None,
+        typer.Option(
+            help="SendGrid's Verification Key (Mail Settings > Signed Event Webhook; base64 "
+            "or PEM; '-' reads stdin). /webhooks/sendgrid then needs a valid ECDSA signature.",
+        ),
+    ] = None,
+    twilio_token: Annotated[
+        str | None,
+        typer.Option(
+            help="The Twilio account's Auth Token ('-' reads stdin, keeping it out of shell "
+            "history). /webhooks/twilio/call-status then needs a valid X-Twilio-Signature.",
+        ),
+    ] = None,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The collector's base URL as Twilio calls it (https://calls.example.com) when "
+            "a proxy sits in between: Twilio signs the URL it requested.",
+        ),
+    ] = None,
+    clear: Annotated[
+        list[str] | None,
+        typer.Option(help="Stop requiring this provider's signature: sendgrid or twilio."),
+    ] = None,
+) -> None:
+    """Require provider signatures on a source's webhooks (SendGrid ECDSA, Twilio HMAC-SHA1).
+
+    A source with a key or token set refuses its provider's requests without a signature
+    (401) or with one that does not verify (403). The Twilio token is stored encrypted under
+    the ledger's master key; neither secret is printed back (`ledger sources list` shows a
+    hint). A running collector applies a change within a second.
+    """
+    if not (sendgrid_key or twilio_token or public_url or clear):
+        fail(
+            "nothing to change: pass --sendgrid-key, --twilio-token, --public-url or --clear",
+            EXIT_USAGE,
+        )
+    settings = Settings()
+    db = CollectorDB(settings)
+    try:
+        SourceRegistry(db)  # the sources table, for a fresh ledger
+        signing = WebhookSigning(db, master_key(settings))
+        for provider in clear or []:
+            done = signing.clear(name, provider)
+            console.print(
+                f"source {name}: {provider} signatures "
+                + ("no longer required" if done else "were not required")
+            )
+        key = _secret_value(sendgrid_key, "--sendgrid-key")
+        if key:
+            config = signing.set_sendgrid(name, key)
+            console.print(f"source {name}: SendGrid signatures required ({config.hint})")
+        token = _secret_value(twilio_token, "--twilio-token")
+        if token:
+            config = signing.set_twilio(name, token, public_url)
+        elif public_url:
+            config = signing.set_public_url(name, public_url)
+        if token or public_url:
+            where = f" over {config.public_url}/webhooks/…" if config.public_url else ""
+            console.print(f"source {name}: Twilio signatures required{where} ({config.hint})")
+    finally:
+        db.close()
 
 
 def serve(

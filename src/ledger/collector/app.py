@@ -36,6 +36,7 @@ from ledger.collector.auth import SourceRegistry
 from ledger.collector.db import CollectorDB
 from ledger.collector.identity import GraphResolver, Pseudonyms, identity_key
 from ledger.collector.intake import Intake, KafkaSink, LedgerSink, Problem, Sink
+from ledger.collector.signing import WebhookSigning, master_key
 from ledger.collector.touch import MappingError, Touch
 from ledger.collector.wire import (
     MAX_BATCH_BYTES,
@@ -150,6 +151,7 @@ def open_collector(settings: Settings, limits: dict[str, int] | None = None) -> 
         keys_db = CollectorDB(settings)
         closers.append(keys_db.close)
         registry = SourceRegistry(keys_db)
+        signing = WebhookSigning(keys_db, master_key(settings))
     except BaseException:
         for close in reversed(closers):
             close()
@@ -157,7 +159,7 @@ def open_collector(settings: Settings, limits: dict[str, int] | None = None) -> 
     dead = DeadLetters(settings.rejected_dir)
     intake = Intake(sink, resolver, dead)
     closers[:0] = [intake.close, dead.close]  # drain the writer before closing what it uses
-    return Collector(settings, registry, intake, closers)
+    return Collector(settings, registry, intake, closers, signing)
 
 
 def create_app(

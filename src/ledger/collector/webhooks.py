@@ -280,12 +280,14 @@ def _items(body: Any) -> list[Any]:
     return body if isinstance(body, list) else [body]
 
 
-def _json_route(mapper: Any, path: str) -> Route:
+def _json_route(mapper: Any, path: str, provider: str | None = None) -> Route:
     async def endpoint(request: Request) -> Response:
         collector = collector_of(request)
         received = dt.datetime.now(dt.UTC)
         source = collector.body_source(collector.header_source(request), None)
         data = await collector.body(request, MAX_BATCH_BYTES)
+        if provider:
+            collector.check_signature(provider, source, request, data)
         body = collector.parse(data)
         if not isinstance(body, list | dict):
             raise Refusal(400, "invalid_body", "request body: expected a JSON object or array")
@@ -322,6 +324,7 @@ def _twilio_route() -> Route:
             raise Refusal(
                 400, "invalid_form", "request body: not application/x-www-form-urlencoded"
             ) from None
+        collector.check_signature("twilio", source, request, data, parsed)
         form = {k: v[0] for k, v in parsed.items()}
         try:
             touch = map_twilio_call(form, source=source.name, received_at=received)
@@ -344,7 +347,7 @@ def _twilio_route() -> Route:
 
 def routes() -> list[Route]:
     return [
-        _json_route(map_sendgrid, "/webhooks/sendgrid"),
+        _json_route(map_sendgrid, "/webhooks/sendgrid", "sendgrid"),
         _twilio_route(),
         _json_route(map_chat, "/webhooks/chat"),
         _json_route(map_social, "/webhooks/social"),

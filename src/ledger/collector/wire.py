@@ -17,7 +17,9 @@ from starlette.responses import JSONResponse, Response
 
 from ledger.collector.auth import Source, SourceRegistry
 from ledger.collector.intake import Intake, Outcome, Problem
+from ledger.collector.signing import SignatureRefused, WebhookSigning
 from ledger.collector.touch import Touch
+from ledger.ledger import LedgerError
 from ledger.settings import Settings
 
 MAX_BATCH_BYTES = 500 * 1024
@@ -33,7 +35,8 @@ class Refusal(Exception):
 
 
 def refusal_response(exc: Refusal) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Basic realm="ledger"'} if exc.status == 401 else None
+    # Only a missing or bad key asks for basic auth (Twilio then retries with credentials).
+    headers = {"WWW-Authenticate": 'Basic realm="ledger"'} if exc.code == "unauthorized" else None
     return JSONResponse(
         {"success": False, "code": exc.code, "message": exc.message}, exc.status, headers
     )
@@ -48,6 +51,8 @@ class Collector:
     intake: Intake
     #: What to close at shutdown, in order (the writer first).
     closers: list[Callable[[], None]] = field(default_factory=list)
+    #: Per-source provider signatures (SendGrid, Twilio); None: no source may configure them.
+    signing: WebhookSigning | None = None
 
     def close(self) -> None:
         for close in self.closers:
@@ -113,6 +118,34 @@ class Collector:
             ) from None
         return self.key_source(key)
 
+    def check_signature(
+        self,
+        provider: str,
+        source: Source,
+        request: Request,
+        data: bytes,
+        params: dict[str, list[str]] | None = None,
+    ) -> None:
+        """Refuse a request the source's signing configuration does not accept (401/403)."""
+        if self.signing is None:
+            return
+        try:
+            if provider == "sendgrid":
+                self.signing.check_sendgrid(source.name, data, request.headers)
+            else:
+                self.signing.check_twilio(
+                    source.name,
+                    str(request.url),
+                    params or {},
+                    request.headers,
+                    _userinfo(request.headers.get("authorization", "")),
+                )
+        except SignatureRefused as exc:
+            code = "unsigned" if exc.status == 401 else "bad_signature"
+            raise Refusal(exc.status, code, exc.message) from None
+        except LedgerError as exc:  # a stored secret that no longer decrypts: say so
+            raise Refusal(500, "misconfigured", str(exc)) from None
+
     def body_source(self, source: Source | None, body: Any) -> Source:
         """Segment also accepts the key as ``writeKey`` in the body."""
         if source is not None:
@@ -159,6 +192,16 @@ class Collector:
                 ],
             }
         )
+
+
+def _userinfo(header: str) -> str | None:
+    """``user:password`` of a basic-auth header (for URLs that carried the credentials)."""
+    if header[:6].lower() != "basic ":
+        return None
+    try:
+        return base64.b64decode(header[6:].strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
 
 
 def collector_of(request: Request) -> Collector:
