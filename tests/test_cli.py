@@ -82,6 +82,10 @@ def test_ingest_lands_valid_lines_rejects_bad_ones_with_reasons(home: Path, tmp_
     no_traceback(proc)
     assert proc.returncode == 1
     assert "2 rejected line(s)" in proc.stderr
+    # The first reasons are on screen too, not only in the dead-letter file.
+    shown = " ".join(proc.stderr.split())
+    assert "line 2: occurred_at:" in shown and "has no timezone" in shown
+    assert "line 3: event: not valid JSON" in shown
     dead = list((home / "rejected").glob("*.jsonl"))
     assert len(dead) == 1
     records = [orjson.loads(line) for line in dead[0].read_bytes().splitlines()]

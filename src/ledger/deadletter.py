@@ -20,11 +20,16 @@ import orjson
 class DeadLetters:
     """Appends rejections to one dead-letter file, created on the first rejection."""
 
+    #: How many rejections :attr:`samples` keeps for a summary on screen.
+    SAMPLES = 5
+
     def __init__(self, directory: Path):
         self.directory = directory
         self.path: Path | None = None
         self._fh: IO[bytes] | None = None
         self.count = 0
+        #: The first few rejections as (source, line, reason): what a person reads first.
+        self.samples: list[tuple[str, int | None, str]] = []
 
     def write(self, source: str, line: int | None, problems: list[str], raw: bytes | None) -> None:
         if self._fh is None:
@@ -46,6 +51,8 @@ class DeadLetters:
                 record["raw_base64"] = base64.b64encode(raw).decode()
         self._fh.write(orjson.dumps(record) + b"\n")
         self.count += 1
+        if len(self.samples) < self.SAMPLES:
+            self.samples.append((source, line, record["reason"]))
 
     def close(self) -> None:
         if self._fh is not None:

@@ -137,7 +137,7 @@ def ingest(
                     )
                 )
                 bar.update(task, completed=total)
-        dead_path = dead.path
+        dead_path, samples = dead.path, dead.samples
     table = Table(title="ingest", title_justify="left")
     for column in ("file", "lines", "accepted", "duplicates", "rejected"):
         table.add_column(column, justify="left" if column == "file" else "right")
@@ -148,6 +148,10 @@ def ingest(
     console.print(table)
     rejected = sum(r.rejected for r in reports)
     if rejected:
+        # The first reasons on screen: most bad files have one mistake repeated.
+        for source, line, reason in samples:
+            where = f"{source} line {line}" if line is not None else source
+            err_console.print(f"rejected: {where}: {reason}", highlight=False, markup=False)
         err_console.print(
             f"{rejected:,} rejected line(s) with reasons in {dead_path}", highlight=False
         )
