@@ -602,7 +602,8 @@ def _split_personal(event: Event) -> tuple[dict[str, Any], dict[str, Any]]:
     identifiers = clear.pop("identifiers", None)
     if identifiers:
         personal["identifiers"] = identifiers
-    extra = {k: clear.pop(k) for k in [k for k in clear if k not in ENVELOPE_FIELDS]}
+    outside = clear.keys() - ENVELOPE_FIELDS
+    extra = {k: clear.pop(k) for k in sorted(outside)} if outside else {}
     payload = clear["payload"]
     known = PAYLOAD_FIELDS[clear["type"]]
     secret_names = PERSONAL_FIELDS[clear["type"]]
