@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import faust
 import orjson
@@ -51,8 +51,29 @@ log = logging.getLogger("ledger.ingest")
 
 #: Exit status when a batch could not be stored (the worker must be restarted).
 EXIT_BATCH_FAILED = 70
-#: How long a partial batch waits for more messages before it is appended.
-BATCH_WINDOW_S = 0.2
+#: Records per fetch from the consumer thread (batches are filled from several fetches).
+MAX_POLL_RECORDS = 10_000
+#: How long a fetch waits for records while a batch is being appended / when idle.
+FETCH_WAIT_BUSY_S = 0.01
+FETCH_WAIT_IDLE_S = 1.0
+
+
+class Record(Protocol):
+    """What the processor reads of a consumed record: :class:`Message`, or aiokafka's
+    ``ConsumerRecord`` as fetched (the worker passes those through without copying)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
 class Message(NamedTuple):
@@ -60,13 +81,13 @@ class Message(NamedTuple):
     partition: int
     offset: int
     key: bytes | None
-    value: bytes
+    value: bytes | None
     headers: Sequence[tuple[str, bytes]] = ()
 
 
 @dataclass(frozen=True)
 class DeadLetter:
-    message: Message
+    message: Record
     problems: list[str]
 
     @property
@@ -147,16 +168,23 @@ class IngestProcessor:
             self.resync.pop(p, None)
         return {p: 0 if last is None else last + 1 for p, last in stored.items()}
 
-    def prepare(self, messages: Iterable[Message]) -> Batch:
+    def prepare(self, messages: Iterable[Record], *, after: dict[int, int] | None = None) -> Batch:
+        """Filter and validate a batch. ``after`` (partition -> offset) holds the last offsets
+        of a batch still being appended: this one continues after them, not after what the
+        ledger holds yet (the worker validates the next batch while the previous commits)."""
         batch = Batch()
         expected: dict[int, int | None] = {}
         blocked: set[int] = set()
+        now = dt.datetime.now(dt.UTC)
+        strict = self.strict
         for m in messages:
             p = m.partition
-            if p not in self.stored:
-                self.refresh([p])
             if p not in expected:
+                if p not in self.stored:
+                    self.refresh([p])
                 done = self.stored[p]
+                if after is not None and p in after and (done is None or after[p] > done):
+                    done = after[p]
                 expected[p] = None if done is None else done + 1
             if p in blocked:
                 batch.skipped += 1
@@ -200,7 +228,7 @@ class IngestProcessor:
             if m.offset > batch.last_offsets.get(p, -1):
                 batch.last_offsets[p] = m.offset
             try:
-                batch.valid.append(parse_line(m.value, strict=self.strict))
+                batch.valid.append(parse_line(m.value or b"", strict=strict, now=now))
             except ContractError as exc:
                 batch.dead.append(DeadLetter(m, exc.problems))
         return batch
@@ -218,7 +246,7 @@ class IngestProcessor:
         seeks, self.seeks = self.seeks, {}
         return seeks
 
-    def commit(self, batch: Batch, messages: Sequence[Message]) -> tuple[int, int]:
+    def commit(self, batch: Batch, messages: Sequence[Record]) -> tuple[int, int]:
         """Append the batch with its offsets; returns (accepted, duplicates)."""
         for _ in range(10):
             if batch.empty:
@@ -278,14 +306,34 @@ class LedgerConsumerThread(AIOKafkaConsumerThread):
         app = self.app
         if isinstance(app, IngestApp):
             consumer._fetch_max_wait_ms = app.settings.kafka_fetch_max_wait_ms
+            consumer._max_poll_records = min(app.settings.batch_size, MAX_POLL_RECORDS)
         return consumer
 
 
 class LedgerSeekingConsumer(AIOKafkaConsumer):
-    """Faust's consumer, seeking to the offsets stored in the ledger instead of Kafka's."""
+    """Faust's consumer, seeking to the offsets stored in the ledger instead of Kafka's, and
+    handing whole fetched batches to the ingest loop (:meth:`_drain_messages`)."""
 
     def _new_consumer_thread(self) -> Any:
         return LedgerConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _drain_messages(self, fetcher: Any) -> None:
+        """Run by faust's Fetcher service in place of its per-message loop.
+
+        faust's own loop wraps every record in a Message, an Event and several callbacks and
+        tasks (about 600 Python calls per message, measured). Here the records aiokafka
+        fetched (decoded in C, in faust's consumer thread) go to :class:`BatchIngester` as
+        they are: group membership, rebalances and the seek to the ledger's offsets on every
+        assignment stay faust's.
+        """
+        app = self.app
+        if not isinstance(app, IngestApp):
+            await super()._drain_messages(fetcher)
+            return
+        ingester = BatchIngester(app, self)
+        stopped = self._stopped.is_set
+        fetcher_stopped = fetcher._stopped.is_set
+        await ingester.run(lambda: stopped() or fetcher_stopped() or self.should_stop)
 
     async def perform_seek(self) -> None:
         await super().perform_seek()
@@ -306,6 +354,123 @@ class LedgerSeekingConsumer(AIOKafkaConsumer):
             "resumed from the ledger's offsets: %s",
             ", ".join(f"{p}@{o}" for p, o in sorted(offsets.items())),
         )
+
+
+class BatchIngester:
+    """Fetched records -> validated batches -> ledger appends, two batches in flight.
+
+    While batch N is appended (in a thread: psycopg waits for PostgreSQL without the GIL),
+    the records that arrived meanwhile are fetched and batch N+1 is validated, continuing
+    after N's offsets. Batches therefore grow with the backlog (up to LEDGER_BATCH_SIZE)
+    and stay small, hence quick, at low rates. Dead letters of a batch are on the broker
+    before its append starts, and a batch is appended only after the previous one committed.
+    """
+
+    def __init__(self, app: IngestApp, consumer: LedgerSeekingConsumer) -> None:
+        self.app = app
+        self.consumer = consumer
+        self.settings = app.settings
+        self.topic = app.settings.topic_touchpoints
+        #: The last offsets of the batch handed to the ledger last.
+        self._last_offsets: dict[int, int] = {}
+
+    async def run(self, should_stop: Callable[[], bool]) -> None:
+        proc = await asyncio.to_thread(lambda: self.app.processor)
+        limit = self.settings.batch_size
+        buffer: list[Any] = []
+        inflight: asyncio.Task[tuple[int, int]] | None = None
+        inflight_offsets: dict[int, int] = {}
+        try:
+            while not should_stop():
+                busy = inflight is not None and not inflight.done()
+                if buffer and (len(buffer) >= limit or not busy):
+                    chunk, buffer = buffer[:limit], buffer[limit:]
+                    inflight = await self._next(proc, chunk, inflight, inflight_offsets)
+                    inflight_offsets = self._last_offsets
+                    continue
+                records, _ = await self.consumer._wait_next_records(
+                    FETCH_WAIT_BUSY_S if busy or buffer else FETCH_WAIT_IDLE_S
+                )
+                if records:
+                    for tp_records in records.values():
+                        buffer.extend(tp_records)
+                elif inflight is not None and inflight.done():
+                    await self._finish(inflight)
+                    inflight = None
+        finally:
+            if inflight is not None:
+                await self._finish(inflight)
+
+    async def _next(
+        self,
+        proc: IngestProcessor,
+        chunk: list[Any],
+        inflight: asyncio.Task[tuple[int, int]] | None,
+        inflight_offsets: dict[int, int],
+    ) -> asyncio.Task[tuple[int, int]]:
+        t_start = time.perf_counter()
+        speculative = inflight is not None and not inflight.done() and not proc.resync
+        batch = await asyncio.to_thread(
+            proc.prepare, chunk, after=inflight_offsets if speculative else None
+        )
+        t_prepared = time.perf_counter()
+        if inflight is not None:
+            await self._finish(inflight)
+            if speculative and any(
+                proc.stored.get(p) != o
+                for p, o in inflight_offsets.items()
+                if p in batch.last_offsets
+            ):
+                # The previous batch was re-filtered (another worker got there first):
+                # validate this one again against what the ledger now holds.
+                batch = await asyncio.to_thread(proc.prepare, chunk)
+        t_waited = time.perf_counter()
+        seeks = proc.take_seeks()
+        if seeks:
+            await self.consumer.seek_wait({TP(self.topic, p): o for p, o in seeks.items()})
+        if batch.dead:
+            await self.app.send_dead_letters(batch.dead)
+        t_sent = time.perf_counter()
+        self._last_offsets = dict(batch.last_offsets)
+        timings = (t_prepared - t_start, t_sent - t_waited)
+        return asyncio.create_task(self._commit(proc, batch, chunk, timings))
+
+    async def _commit(
+        self,
+        proc: IngestProcessor,
+        batch: Batch,
+        chunk: list[Any],
+        timings: tuple[float, float],
+    ) -> tuple[int, int]:
+        started = time.perf_counter()
+        accepted, duplicates = await asyncio.to_thread(proc.commit, batch, chunk)
+        # The timings show where a worker spends its time (bench/streaming.py sums them).
+        log.info(
+            "batch of %d: %d appended, %d duplicates, %d dead-lettered, %d already applied"
+            " (validate %.1f ms, dead letters %.1f ms, append %.1f ms)",
+            len(chunk),
+            accepted,
+            duplicates,
+            len(batch.dead),
+            batch.skipped,
+            timings[0] * 1000,
+            timings[1] * 1000,
+            (time.perf_counter() - started) * 1000,
+        )
+        return accepted, duplicates
+
+    async def _finish(self, inflight: asyncio.Task[tuple[int, int]]) -> None:
+        try:
+            await asyncio.shield(inflight)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The offsets of these messages were not stored; moving on would store later
+            # ones past them: lost. Exit instead; a restarted worker seeks to the ledger's
+            # offsets and reads them again.
+            log.exception("a batch could not be stored; exiting to resume from the ledger")
+            logging.shutdown()
+            os._exit(EXIT_BATCH_FAILED)
 
 
 class LedgerTransport(AIOKafkaTransport):
@@ -333,6 +498,17 @@ class IngestApp(faust.App):
 
     def _new_transport(self) -> Any:
         return LedgerTransport(self.conf.broker_consumer, self)
+
+    async def send_dead_letters(self, dead: Sequence[DeadLetter]) -> None:
+        """Send to the dead-letter topic and wait until the broker has every one."""
+        topic = self.dlq_topic
+        sent = [
+            await topic.send(key=d.message.key, value=d.message.value, headers=d.headers())
+            for d in dead
+        ]
+        await asyncio.gather(*sent)
+
+    dlq_topic: Any = None
 
 
 def faust_settings(settings: Settings) -> dict[str, Any]:
@@ -377,63 +553,9 @@ def create_app(settings: Settings | None = None) -> IngestApp:
         key_serializer="raw",
     )
 
-    async def handle(proc: IngestProcessor, messages: list[Message]) -> None:
-        t_start = time.perf_counter()
-        batch = await asyncio.to_thread(proc.prepare, messages)
-        t_prepared = time.perf_counter()
-        if batch.dead:
-            sent = [
-                await dlq.send(key=d.message.key, value=d.message.value, headers=d.headers())
-                for d in batch.dead
-            ]
-            # The dead letters must be on the broker before the offsets move past them.
-            await asyncio.gather(*sent)
-        t_sent = time.perf_counter()
-        accepted, duplicates = await asyncio.to_thread(proc.commit, batch, messages)
-        t_done = time.perf_counter()
-        seeks = proc.take_seeks()
-        if seeks:
-            topic = settings.topic_touchpoints
-            await app.consumer.seek_wait({TP(topic, p): o for p, o in seeks.items()})
-        # The timings show where a worker spends its time (bench/streaming.py sums them).
-        log.info(
-            "batch of %d: %d appended, %d duplicates, %d dead-lettered, %d already applied"
-            " (validate %.1f ms, dead letters %.1f ms, append %.1f ms)",
-            len(messages),
-            accepted,
-            duplicates,
-            len(batch.dead),
-            batch.skipped,
-            (t_prepared - t_start) * 1000,
-            (t_sent - t_prepared) * 1000,
-            (t_done - t_sent) * 1000,
-        )
-
-    @app.agent(source)
-    async def ingest(stream: Any) -> None:
-        proc = await asyncio.to_thread(lambda: app.processor)
-        async for events in stream.take_events(settings.batch_size, within=BATCH_WINDOW_S):
-            messages = [
-                Message(
-                    e.message.topic,
-                    e.message.partition,
-                    e.message.offset,
-                    e.message.key,
-                    e.message.value or b"",
-                    list(e.message.headers or ()),
-                )
-                for e in events
-            ]
-            try:
-                await handle(proc, messages)
-            except Exception:
-                # faust would restart the agent *after* these messages, and the next batch
-                # would record offsets past them: lost. Exit instead; a restarted worker
-                # seeks to the ledger's offsets and reads them again.
-                log.exception("a batch could not be stored; exiting to resume from the ledger")
-                logging.shutdown()
-                os._exit(EXIT_BATCH_FAILED)
-
+    app.dlq_topic = dlq
+    # Subscribed through faust's conductor; records reach BatchIngester, not a faust agent.
+    app.topics.add(source)
     return app
 
 
