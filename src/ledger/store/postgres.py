@@ -64,6 +64,34 @@ class LedgerPostgresRecorder(PostgresProcessRecorder):
         )
 
 
+# Batches pass their keys as one parameter, split by PostgreSQL: psycopg dumps a Python
+# list element by element in Python (about 1 s per 100,000 events over the five lists of
+# an append, measured); one bytes/str value is sent as it is.
+_ID_WIDTH = 16
+_IDS = "SELECT substring(%s::bytea FROM i * 16 + 1 FOR 16) FROM generate_series(0, %s - 1) i"
+_SEP = "\n"
+
+
+def _packed_ids(event_ids: Sequence[bytes]) -> bytes | None:
+    """The ids end to end, when every one is 16 bytes (a UUID) - else None."""
+    packed = b"".join(event_ids)
+    return packed if len(packed) == _ID_WIDTH * len(event_ids) else None
+
+
+def _joined(values: Sequence[str]) -> str | None:
+    """The values joined by newlines, when none holds one (customer ids cannot) - else None."""
+    joined = _SEP.join(values)
+    return joined if joined.count(_SEP) == len(values) - 1 else None
+
+
+def _text_array(values: Sequence[str]) -> tuple[str, Any]:
+    """SQL for a text[] parameter and its value: one joined string split by the server."""
+    joined = _joined(values) if values else None
+    if joined is None:
+        return "%s::text[]", list(values)
+    return "string_to_array(%s, E'\\n')", joined
+
+
 class _PostgresSession(WriteSession):
     def __init__(self, cur: Any, dict_cur: Any, recorder: LedgerPostgresRecorder):
         self.cur = cur
@@ -71,16 +99,25 @@ class _PostgresSession(WriteSession):
         self.recorder = recorder
 
     def existing_event_ids(self, event_ids: Sequence[bytes]) -> set[bytes]:
-        self.cur.execute(
-            "SELECT event_id FROM ledger_event_ids WHERE event_id = ANY(%s)", (list(event_ids),)
-        )
+        packed = _packed_ids(event_ids) if event_ids else None
+        if packed is None:
+            self.cur.execute(
+                "SELECT event_id FROM ledger_event_ids WHERE event_id = ANY(%s)",
+                (list(event_ids),),
+            )
+        else:
+            self.cur.execute(
+                f"SELECT event_id FROM ledger_event_ids WHERE event_id = ANY(ARRAY({_IDS}))",
+                (packed, len(event_ids)),
+            )
         return {bytes(r[0]) for r in self.cur.fetchall()}
 
     def heads(self, customer_ids: Sequence[str]) -> dict[str, Head]:
+        array, value = _text_array(customer_ids)
         self.cur.execute(
             "SELECT customer_id, last_sequence, head_hash FROM ledger_streams "
-            "WHERE customer_id = ANY(%s)",
-            (list(customer_ids),),
+            f"WHERE customer_id = ANY({array})",
+            (value,),
         )
         return {r[0]: Head(r[1], r[2]) for r in self.cur.fetchall()}
 
@@ -89,9 +126,10 @@ class _PostgresSession(WriteSession):
         return int(self.cur.fetchone()[0] or 0)
 
     def wrapped_keys(self, customer_ids: Sequence[str]) -> dict[str, bytes]:
+        array, value = _text_array(customer_ids)
         self.cur.execute(
-            "SELECT customer_id, wrapped_key FROM ledger_keys WHERE customer_id = ANY(%s)",
-            (list(customer_ids),),
+            f"SELECT customer_id, wrapped_key FROM ledger_keys WHERE customer_id = ANY({array})",
+            (value,),
         )
         return {r[0]: bytes(r[1]) for r in self.cur.fetchall()}
 
@@ -112,15 +150,15 @@ class _PostgresSession(WriteSession):
                 copy.write_row((event_id, row.position))
 
     def upsert_heads(self, heads: dict[str, Head]) -> None:
+        customers, customers_value = _text_array(list(heads))
+        hashes, hashes_value = _text_array([h.hash for h in heads.values()])
+        sequences = _SEP.join([str(h.sequence) for h in heads.values()])
         self.cur.execute(
-            "INSERT INTO ledger_streams SELECT * FROM unnest(%s::text[], %s::bigint[], "
-            "%s::text[]) ON CONFLICT (customer_id) DO UPDATE SET "
+            f"INSERT INTO ledger_streams SELECT * FROM unnest({customers}, "
+            f"string_to_array(%s, E'\\n')::bigint[], {hashes}) "
+            "ON CONFLICT (customer_id) DO UPDATE SET "
             "last_sequence = excluded.last_sequence, head_hash = excluded.head_hash",
-            (
-                list(heads),
-                [h.sequence for h in heads.values()],
-                [h.hash for h in heads.values()],
-            ),
+            (customers_value, sequences, hashes_value),
         )
 
     def record_tracking(self, tracking: Sequence[Tracking]) -> None:
