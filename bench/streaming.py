@@ -26,6 +26,7 @@ import argparse
 import bisect
 import cProfile
 import io
+import multiprocessing
 import os
 import pstats
 import re
@@ -38,6 +39,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,7 @@ from typing import Any
 import duckdb
 import orjson
 import psycopg
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from ledger.generate import generate_events
 from ledger.ledger import Ledger, LedgerError
@@ -62,6 +64,8 @@ from streams.ingest import IngestProcessor, Message
 from broker import TEST_CLIENT_ENV, Broker, client_settings
 
 LEDGER_BIN = str(Path(sys.executable).with_name("ledger"))
+#: py-spy (a sampling profiler) for --profile; not a project dependency.
+PYSPY = os.environ.get("PYSPY", "py-spy")
 MASTER_KEY = "b" * 64
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
@@ -190,7 +194,52 @@ def _events(n: int, seed: int) -> list[dict[str, Any]]:
     ]
 
 
-def ceiling(settings: Settings, lines: list[bytes]) -> dict[str, float]:
+def _publish_share(
+    settings: Settings, items: list[Any], rate: float | None, start_at: float
+) -> dict[str, float]:
+    """One publishing process: its share of the events, at ``rate``/s (None: flat out),
+    from ``start_at`` on; returns event_id -> when publish() was called (CLOCK_MONOTONIC,
+    which perf_counter reads on Linux: comparable across processes)."""
+    sent: dict[str, float] = {}
+    with Publisher(settings, linger_ms=5) as pub:
+        while time.perf_counter() < start_at:
+            time.sleep(0.001)
+        for i, item in enumerate(items):
+            if rate is not None:
+                delay = start_at + i / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            sent_time = time.perf_counter()
+            pub.publish(item)
+            if isinstance(item, dict):
+                sent[item["event_id"]] = sent_time
+    return sent
+
+
+def publish_parallel(
+    settings: Settings, items: list[Any], processes: int, rate: float | None = None
+) -> tuple[dict[str, float], float]:
+    """Publish ``items`` from ``processes`` processes (one Python producer tops out near
+    5,500 events/s), ``rate`` events/s in all (None: as fast as they can). Returns the send
+    times and the seconds from the common start to the last flush."""
+    if processes == 1:
+        start_at = time.perf_counter()
+        sent = _publish_share(settings, items, rate, start_at)
+        return sent, time.perf_counter() - start_at
+    share = None if rate is None else rate / processes
+    start_at = time.perf_counter() + 3.0  # the processes start and connect first
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_publish_share, settings, items[k::processes], share, start_at)
+            for k in range(processes)
+        ]
+        sent: dict[str, float] = {}
+        for future in futures:
+            sent.update(future.result())
+    return sent, time.perf_counter() - start_at
+
+
+def ceiling(settings: Settings, lines: list[bytes], publishers: int = 1) -> dict[str, float]:
     create_topics(settings)
     started = time.perf_counter()
     with Publisher(settings) as pub:
@@ -207,11 +256,15 @@ def ceiling(settings: Settings, lines: list[bytes]) -> dict[str, float]:
     raw.flush()
     transport = len(lines) / (time.perf_counter() - started)
     raw.close()
-    return {"publisher_events_per_s": sdk, "raw_producer_events_per_s": transport}
+    result = {"publisher_events_per_s": sdk, "raw_producer_events_per_s": transport}
+    if publishers > 1:
+        _, seconds = publish_parallel(settings, lines, publishers)
+        result[f"publisher_x{publishers}_events_per_s"] = len(lines) / seconds
+    return result
 
 
 def end_to_end(
-    broker: Broker, lines: list[bytes], workers: int, partitions: int
+    broker: Broker, lines: list[bytes], workers: int, partitions: int, publishers: int = 1
 ) -> dict[str, float]:
     with database() as url, tempfile.TemporaryDirectory() as tmp:
         settings = settings_for(broker, Path(tmp) / "home", url, partitions)
@@ -222,11 +275,8 @@ def end_to_end(
             pool.wait_ready(settings)
             with Ledger.open(settings) as ledger:
                 base = ledger.position
-                started = time.perf_counter()
-                with Publisher(settings) as pub:
-                    for line in lines:
-                        pub.publish(line)
-                published = time.perf_counter() - started
+                _, published = publish_parallel(settings, lines, publishers)
+                started = time.perf_counter() - published
                 while ledger.position < base + len(lines):
                     time.sleep(0.02)
                     if any(p.poll() is not None for p in pool.processes):
@@ -240,6 +290,7 @@ def end_to_end(
         "events_per_s": len(lines) / elapsed,
         "seconds": elapsed,
         "publish_seconds": published,
+        "publishers": publishers,
         **breakdown,
     }
 
@@ -250,6 +301,7 @@ def drain(
     workers: int,
     partitions: int,
     profile: Path | None = None,
+    sampled: Path | None = None,
 ) -> dict[str, float]:
     """The workers' own pace: the topic is filled first, then the workers start on the backlog;
     timed from the first committed row to the last (start-up and group join excluded)."""
@@ -269,9 +321,22 @@ def drain(
                         raise RuntimeError("the workers did not start:\n" + pool.tails())
                     time.sleep(0.005)
                 started, first = time.perf_counter(), ledger.position
+                spy = None
+                if sampled is not None:
+                    # Every thread of the worker, sampled (cProfile sees only the main one).
+                    pid = str(pool.processes[0].pid)
+                    spy_args = ["--format", "raw", "--rate", "200", "--output", str(sampled)]
+                    spy = subprocess.Popen(
+                        [PYSPY, "record", "--pid", pid, "--nonblocking", *spy_args],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                 while ledger.position < len(lines):
                     time.sleep(0.01)
                 elapsed = time.perf_counter() - started
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(30)
         finally:
             pool.stop()
         breakdown = pool.breakdown()
@@ -294,10 +359,10 @@ def profiles(broker: Broker, lines: list[bytes], partitions: int) -> None:
     """Where one worker's time goes: its faust thread (cProfile of a backlog drain), and the
     batch work (validate + append) profiled in this process on the same events."""
     with tempfile.TemporaryDirectory() as tmp:
-        prof = Path(tmp) / "worker.prof"
-        drain(broker, lines, 1, partitions, profile=prof)
-        print("--- ingest worker, main (faust) thread:")
-        print(_top(pstats.Stats(str(prof))), flush=True)
+        raw = Path(tmp) / "worker.pyspy"
+        run = drain(broker, lines, 1, partitions, sampled=raw)
+        print(f"--- ingest worker, every thread sampled by py-spy while draining: {run}")
+        print(summarise_samples(raw), flush=True)
     with database() as url, tempfile.TemporaryDirectory() as tmp:
         settings = settings_for(broker, Path(tmp), url, partitions)
         with Ledger.open(settings) as ledger:
@@ -316,46 +381,37 @@ def profiles(broker: Broker, lines: list[bytes], partitions: int) -> None:
             rate = len(messages) / (time.perf_counter() - started)
         print(f"--- validate + append without Kafka (profiled): {rate:,.0f} events/s")
         print(_top(pstats.Stats(profiler)), flush=True)
-    print(f"--- batch consumer instead of faust: {batch_consumer_drain(broker, lines, partitions)}")
 
 
-def batch_consumer_drain(broker: Broker, lines: list[bytes], partitions: int) -> dict[str, float]:
-    """What a worker without faust's per-message machinery would do: kafka-python polls whole
-    batches into the same IngestProcessor (no group, no dead letters: a measurement only)."""
-    with database() as url, tempfile.TemporaryDirectory() as tmp:
-        settings = settings_for(broker, Path(tmp), url, partitions)
-        create_topics(settings)
-        with Publisher(settings) as pub:
-            for line in lines:
-                pub.publish(line)
-        consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
-            max_poll_records=5_000,
-        )
-        tps = [TopicPartition(settings.topic_touchpoints, p) for p in range(partitions)]
-        consumer.assign(tps)
-        with Ledger.open(settings) as ledger:
-            proc = IngestProcessor(ledger, settings.topic_touchpoints)
-            for tp, offset in proc.resume_offsets(range(partitions)).items():
-                consumer.seek(tps[tp], offset)
-            started = time.perf_counter()
-            while ledger.position < len(lines):
-                polled = consumer.poll(timeout_ms=200, max_records=5_000)
-                messages = [
-                    Message(r.topic, r.partition, r.offset, r.key, r.value)
-                    for records in polled.values()
-                    for r in records
-                ]
-                if messages:
-                    proc.commit(proc.prepare(messages), messages)
-            elapsed = time.perf_counter() - started
-        consumer.close()
-    return {"events_per_s": len(lines) / elapsed, "seconds": elapsed}
+def summarise_samples(path: Path, top: int = 25) -> str:
+    """py-spy raw output (``thread;frame;...;frame count``) as a self-time and an
+    inclusive-time table of the functions most sampled."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        total += count
+        frames = [re.sub(r" \((/.*/)?", " (", f) for f in stack.split(";")[1:]]
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+    out = [f"{total} samples; self:"]
+    for name, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"  {100 * n / total:5.1f}%  {name}")
+    out.append("inclusive:")
+    for name, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"  {100 * n / total:5.1f}%  {name}")
+    return "\n".join(out)
 
 
-def latency(broker: Broker, rate: int, seconds: float, partitions: int) -> dict[str, float]:
+def latency(
+    broker: Broker, rate: int, seconds: float, partitions: int, publishers: int = 1
+) -> dict[str, float]:
     with database() as url, tempfile.TemporaryDirectory() as tmp:
         settings = settings_for(broker, Path(tmp) / "home", url, partitions)
         create_topics(settings)
@@ -406,15 +462,7 @@ def latency(broker: Broker, rate: int, seconds: float, partitions: int) -> dict[
                 watcher.start()
                 projection_watcher = threading.Thread(target=watch_projection, daemon=True)
                 projection_watcher.start()
-                with Publisher(settings, linger_ms=5) as pub:
-                    started = time.perf_counter()
-                    for i, event in enumerate(events):
-                        due = started + i / rate
-                        delay = due - time.perf_counter()
-                        if delay > 0:
-                            time.sleep(delay)
-                        sent_at[event["event_id"]] = time.perf_counter()
-                        pub.publish(event)
+                sent_at.update(publish_parallel(settings, events, publishers, rate)[0])
                 stop.set()
                 watcher.join(120)
                 projection_watcher.join(120)
@@ -434,6 +482,7 @@ def latency(broker: Broker, rate: int, seconds: float, partitions: int) -> dict[
     pq = statistics.quantiles(projected, n=100) if len(projected) > 1 else [float("nan")] * 99
     return {
         "rate": rate,
+        "publishers": publishers,
         "events": len(waits),
         "ledger_p50_ms": q[49] * 1000,
         "ledger_p99_ms": q[98] * 1000,
@@ -452,9 +501,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rate", type=int, default=5_000)
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument(
+        "--publishers",
+        type=int,
+        default=1,
+        help="publishing processes for the end-to-end and latency runs (one tops out ~5.5k/s)",
+    )
     parser.add_argument("--profile", action="store_true", help="profile one worker afterwards")
     parser.add_argument("--profile-events", type=int, default=20_000)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["ceiling", "ingest", "latency"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["ceiling", "ingest", "e2e", "drain", "latency"]
+    )
     args = parser.parse_args()
 
     lines = list(generate_events(args.customers, args.events, seed=42))
@@ -465,18 +522,22 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if "ceiling" not in args.skip:
                 settings = settings_for(broker, Path(tmp), "", args.partitions)
-                results["ceiling"] = ceiling(settings, lines)
+                results["ceiling"] = ceiling(settings, lines, args.publishers)
                 print("ceiling", results["ceiling"], flush=True)
             if "ingest" not in args.skip:
                 for n in args.workers:
-                    run = end_to_end(broker, lines, n, args.partitions)
-                    results[f"ingest_{n}"] = run
-                    print(f"ingest x{n}", run, flush=True)
-                    backlog = drain(broker, lines, n, args.partitions)
-                    results[f"drain_{n}"] = backlog
-                    print(f"drain x{n}", backlog, flush=True)
+                    if "e2e" not in args.skip:
+                        run = end_to_end(broker, lines, n, args.partitions, args.publishers)
+                        results[f"ingest_{n}"] = run
+                        print(f"ingest x{n}", run, flush=True)
+                    if "drain" not in args.skip:
+                        backlog = drain(broker, lines, n, args.partitions)
+                        results[f"drain_{n}"] = backlog
+                        print(f"drain x{n}", backlog, flush=True)
             if "latency" not in args.skip:
-                results["latency"] = latency(broker, args.rate, args.seconds, args.partitions)
+                results["latency"] = latency(
+                    broker, args.rate, args.seconds, args.partitions, args.publishers
+                )
                 print("latency", results["latency"], flush=True)
             if args.profile:
                 profiles(broker, lines[: args.profile_events], args.partitions)
