@@ -276,3 +276,21 @@ def test_strictness_comes_from_settings_and_can_be_overridden_per_batch(
     with empty:
         report = empty.verify()
         assert (report.ok, report.events, report.customers, empty.position) == (True, 0, 0, 0)
+
+
+def test_sqlite_wal_is_checkpointed_in_the_background(
+    sqlite_settings: Settings, make_event: MakeEvent
+) -> None:
+    """A small append never reaches the writer's own checkpoint threshold (64 MB of WAL),
+    yet its pages reach the database file: the store's checkpointer thread copied them."""
+    with Ledger.open(sqlite_settings) as ledger:
+        db = sqlite_settings.home / "ledger.db"
+        before = db.stat().st_size
+        ledger.append([make_event(f"cus_{n % 50}", "page_viewed") for n in range(2_000)])
+        wal = db.with_name("ledger.db-wal").stat().st_size
+        assert wal > 500_000 > before  # the batch went to the WAL, not the file
+        deadline = time.monotonic() + 20
+        while db.stat().st_size < 500_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert db.stat().st_size >= 500_000
+        assert ledger.verify().ok
