@@ -181,6 +181,30 @@ def test_verify_passes_then_names_the_altered_event(home: Path, tmp_path: Path) 
     assert "customer cus_2, sequence 1, position 2" in bad.stderr
 
 
+def test_verify_prints_an_anchor_that_later_runs_check(home: Path, tmp_path: Path) -> None:
+    events = [event("cus_1"), event("cus_2")]
+    assert run(home, "ingest", str(write_jsonl(tmp_path / "in.jsonl", events))).returncode == 0
+    kept = tmp_path / "anchors.txt"
+    first = run(home, "verify", "--anchor-out", str(kept))
+    assert first.returncode == 0, first.stderr
+    [line] = [x for x in first.stdout.splitlines() if x.startswith("anchor: ")]
+    anchor = line.removeprefix("anchor: ")
+    assert anchor.startswith("2:") and kept.read_text() == anchor + "\n"
+    assert (
+        run(home, "ingest", str(write_jsonl(tmp_path / "more.jsonl", [event("cus_3")]))).returncode
+        == 0
+    )
+    held = run(home, "verify", "--anchor", anchor, "--anchor-file", str(kept))
+    assert held.returncode == 0 and "2 anchor(s) hold" in held.stdout
+    forged = anchor[:-1] + ("0" if anchor[-1] != "0" else "1")
+    broken = run(home, "verify", "--anchor", forged)
+    no_traceback(broken)
+    assert broken.returncode == 1 and "anchor 2 broken" in broken.stderr
+    malformed = run(home, "verify", "--anchor", "yesterday")
+    no_traceback(malformed)
+    assert malformed.returncode == 2 and "expected POSITION:DIGEST" in malformed.stderr
+
+
 def test_forget_needs_confirmation_then_erases(home: Path, tmp_path: Path) -> None:
     assert (
         run(home, "ingest", str(write_jsonl(tmp_path / "in.jsonl", [event("cus_1")]))).returncode

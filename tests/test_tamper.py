@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from ledger.chain import seal
-from ledger.ledger import Ledger, Tampering
+from ledger.ledger import Anchor, Ledger, Tampering
 from ledger.settings import Settings
 
 MakeEvent = Callable[..., dict[str, Any]]
@@ -240,3 +240,64 @@ def test_event_moved_to_another_customer_is_detected(
     problems = verify(sqlite_settings)
     assert (problems[0].customer_id, problems[0].position) == ("cus_d", 11)
     assert {p.customer_id for p in problems} == {"cus_b", "cus_d"}  # cus_b lost its head
+
+
+# --------------------------------------------------------------------------- anchors
+
+
+def rewrite_tail_and_head(settings: Settings, position: int) -> None:
+    """The attack hash chains alone cannot see: re-seal a chain's last event and move the
+    stream head along with it, so every link and the head agree again."""
+    with raw_db(settings) as db:
+        db.disable_guards()
+        body = orjson.loads(db.state(position))["event"]
+        body["payload"]["total"]["amount"] = "0.01"
+        state, digest = seal(orjson.dumps(body, option=orjson.OPT_SORT_KEYS), body["prev_hash"])
+        db.set_state(position, state)
+        db.execute(
+            "UPDATE ledger_streams SET head_hash = ? WHERE customer_id = ?",
+            (digest, body["customer_id"]),
+        )
+
+
+def test_anchor_catches_a_rewrite_the_chains_alone_cannot(
+    settings: Settings, make_event: MakeEvent
+) -> None:
+    fill(settings, make_event)
+    with Ledger.open(settings) as ledger:
+        report = ledger.verify()
+        assert report.ok and report.anchor is not None and report.anchor.position == 12
+        anchor = report.anchor
+        # Later appends do not disturb an anchor: it commits to the log up to its position.
+        ledger.append([make_event("cus_a", "page_viewed")])
+        later = ledger.verify(anchors=[anchor])
+        assert later.ok and later.anchor is not None and later.anchor.position == 13
+    rewrite_tail_and_head(settings, 11)  # cus_b's last order: the chain re-sealed, head moved
+    with Ledger.open(settings) as ledger:
+        plain = ledger.verify()
+        assert plain.ok  # the limit of chains alone, which the anchor exists for
+        anchored = ledger.verify(anchors=[anchor])
+    assert not anchored.ok and anchored.problems == []
+    [(broken, reason)] = anchored.broken_anchors
+    assert broken == anchor and "does not replay" in reason
+
+
+def test_anchor_beyond_the_end_of_the_ledger_means_removed_events(
+    sqlite_settings: Settings, make_event: MakeEvent
+) -> None:
+    fill(sqlite_settings, make_event)
+    with Ledger.open(sqlite_settings) as ledger:
+        anchor = ledger.verify().anchor
+        assert anchor is not None
+        far = Anchor(anchor.position + 5, anchor.digest)
+        report = ledger.verify(anchors=[far])
+    [(_, reason)] = report.broken_anchors
+    assert "ends at position 12" in reason and "removed" in reason
+
+
+def test_anchor_text_round_trips_and_bad_text_is_a_sentence() -> None:
+    anchor = Anchor(42, "ab" * 32)
+    assert Anchor.parse(str(anchor)) == anchor
+    for bad in ("42", "x:" + "ab" * 32, "42:abc", "0:" + "ab" * 32, "42:" + "zz" * 32):
+        with pytest.raises(ValueError, match="expected POSITION:DIGEST"):
+            Anchor.parse(bad)

@@ -21,6 +21,7 @@ import datetime as dt
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from hashlib import sha256
 from typing import Any
 from uuid import UUID
 
@@ -128,15 +129,62 @@ class Tampering:
     reason: str
 
 
+@dataclass(frozen=True)
+class Anchor:
+    """A commitment to the whole ledger up to ``position``, small enough to keep elsewhere.
+
+    ``digest`` is SHA-256 over every customer's chain head as of that position (customer,
+    sequence, hash; sorted by customer). Hash chains alone cannot reveal a rewrite by
+    someone who can write the database (re-seal a chain's tail and its stream head);
+    an anchor published outside the database can: the same position must replay to the
+    same digest. ``ledger verify`` prints one and checks earlier ones (``--anchor``).
+    """
+
+    position: int
+    digest: str
+
+    def __str__(self) -> str:
+        return f"{self.position}:{self.digest}"
+
+    @classmethod
+    def parse(cls, text: str) -> Anchor:
+        position, _, digest = text.strip().partition(":")
+        digest = digest.lower()
+        if (
+            not position.isdigit()
+            or int(position) < 1
+            or len(digest) != 64
+            or digest.strip("0123456789abcdef")
+        ):
+            raise ValueError(
+                f"anchor: {text.strip()[:100]!r} is not an anchor; expected POSITION:DIGEST as "
+                "`ledger verify` prints it, e.g. 1000:3f5a... (64 hex digits)"
+            )
+        return cls(int(position), digest)
+
+
+def heads_digest(heads: dict[str, Head]) -> str:
+    """The anchor digest of a set of chain heads (see :class:`Anchor`)."""
+    digest = sha256()
+    for customer in sorted(heads):
+        head = heads[customer]
+        digest.update(f"{customer}\x00{head.sequence}\x00{head.hash}\n".encode())
+    return digest.hexdigest()
+
+
 @dataclass
 class VerifyReport:
     events: int = 0
     customers: int = 0
     problems: list[Tampering] = field(default_factory=list)
+    #: Anchors given to :meth:`Ledger.verify` that this ledger does not replay to.
+    broken_anchors: list[tuple[Anchor, str]] = field(default_factory=list)
+    #: The anchor of the verified ledger as it is now (None for an empty ledger).
+    anchor: Anchor | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.broken_anchors
 
     @property
     def first(self) -> Tampering | None:
@@ -463,13 +511,33 @@ class Ledger:
 
     # ------------------------------------------------------------------ audit
 
-    def verify(self, on_progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-        """Recompute every chain from the stored bytes; report each broken link."""
+    def verify(
+        self,
+        on_progress: Callable[[int, int], None] | None = None,
+        *,
+        anchors: Sequence[Anchor] = (),
+    ) -> VerifyReport:
+        """Recompute every chain from the stored bytes; report each broken link, and each
+        of ``anchors`` the ledger no longer replays to."""
         report = VerifyReport()
         running: dict[str, Head] = {}
         broken: set[str] = set()
         last_position = 0
         total = self.store.max_position()
+        pending = sorted(anchors, key=lambda a: a.position)
+
+        def check_anchors(upto: int) -> None:
+            while pending and pending[0].position <= upto:
+                anchor = pending.pop(0)
+                if heads_digest(running) != anchor.digest:
+                    report.broken_anchors.append(
+                        (
+                            anchor,
+                            f"the ledger up to position {anchor.position} does not replay to "
+                            "the anchored digest: events before it were altered, removed or "
+                            "rewritten",
+                        )
+                    )
 
         def flag(customer: str, sequence: int, position: int, reason: str) -> None:
             report.problems.append(Tampering(customer, sequence, position, reason))
@@ -481,6 +549,8 @@ class Ledger:
                 break
             for row in rows:
                 report.events += 1
+                if pending and pending[0].position < row.position:
+                    check_anchors(row.position - 1)  # `running` holds every row before this
                 if row.position != last_position + 1:
                     # Not flag(): this row's own chain may be intact and must still be checked,
                     # or a deletion would hide alterations to the next customer's events.
@@ -518,7 +588,18 @@ class Ledger:
                     f"the stream head says {head.sequence} events but "
                     f"{seen.sequence if seen else 0} chain up to it: events are missing",
                 )
+        check_anchors(last_position)
         report.customers = len(running)
+        for anchor in pending:  # beyond the end of the ledger
+            report.broken_anchors.append(
+                (
+                    anchor,
+                    f"the ledger ends at position {last_position}, before the anchored "
+                    f"position {anchor.position}: events were removed",
+                )
+            )
+        if last_position:
+            report.anchor = Anchor(last_position, heads_digest(running))
         return report
 
     def forget(self, customer_id: str, *, reason: str | None = None) -> bool:

@@ -16,7 +16,7 @@ from ledger.cli.output import EXIT_USAGE, console, err_console, fail, progress
 from ledger.contract import event_json_schemas
 from ledger.deadletter import DeadLetters, purge_customer
 from ledger.ingest import IngestReport, ingest_stream
-from ledger.ledger import Ledger, RecordedEvent
+from ledger.ledger import Anchor, Ledger, RecordedEvent
 from ledger.settings import Settings
 
 
@@ -235,20 +235,69 @@ def history(
 # --------------------------------------------------------------------------- verify
 
 
-def verify() -> None:
+def verify(
+    anchor: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--anchor",
+            "-a",
+            help="An anchor (POSITION:DIGEST) an earlier verify printed: fail unless the "
+            "ledger up to POSITION still replays to DIGEST. Repeatable.",
+        ),
+    ] = None,
+    anchor_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A file of anchors, one per line (as --anchor-out writes them); each is checked."
+        ),
+    ] = None,
+    anchor_out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Append this run's anchor to FILE when the ledger verifies (keep FILE, or a "
+            "copy, outside the ledger's machine)."
+        ),
+    ] = None,
+) -> None:
     """Recompute every customer's hash chain and report tampering.
 
     Exit 1 and name the first altered event (customer, sequence, position) when any
-    stored byte was changed, an event removed or a chain rewritten."""
+    stored byte was changed, an event removed or a chain rewritten. On success it prints
+    an anchor, POSITION:DIGEST, a commitment to every chain up to POSITION: keep it
+    somewhere the ledger's database cannot reach, and a later `ledger verify --anchor`
+    proves that nothing up to POSITION was rewritten, even by someone able to re-seal
+    chains inside the database."""
+    texts = list(anchor or [])
+    if anchor_file is not None:
+        try:
+            texts += [t for t in anchor_file.read_text().splitlines() if t.strip()]
+        except OSError as exc:
+            fail(f"--anchor-file: cannot read {anchor_file} ({exc.strerror})", EXIT_USAGE)
+    try:
+        anchors = [Anchor.parse(t) for t in texts]
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
     with _open() as ledger, progress() as bar:
         task = bar.add_task("verify", total=max(ledger.position, 1))
-        report = ledger.verify(lambda done, total: bar.update(task, completed=done, total=total))
+        report = ledger.verify(
+            lambda done, total: bar.update(task, completed=done, total=total), anchors=anchors
+        )
     if report.ok:
         console.print(
             f"[green]OK[/]: {report.events:,} events in {report.customers:,} customer chains "
             "verified; no alteration found"
+            + (f"; {len(anchors)} anchor(s) hold" if anchors else "")
         )
+        if report.anchor is not None:
+            console.print(f"anchor: {report.anchor}", highlight=False, soft_wrap=True)
+            if anchor_out is not None:
+                with anchor_out.open("a") as out:
+                    out.write(f"{report.anchor}\n")
         return
+    for broken, reason in report.broken_anchors:
+        err_console.print(f"anchor {broken.position} broken: {reason}", highlight=False)
+    if not report.problems:
+        fail(f"{len(report.broken_anchors)} anchor(s) do not hold: the ledger was rewritten")
     table = Table(title="tampering found", title_justify="left")
     for column in ("customer", "sequence", "position", "problem"):
         table.add_column(column)
