@@ -1,8 +1,14 @@
 -- customer_identifiers: the latest value of each identifier (email, phone, name, user_id,
 -- anonymous_id, social_handle) per customer, by event time (ties: ledger position).
--- The runner decrypts the batch's personal data and registers `batch_identifiers`
--- (position, field, value). A `customer_forgotten` event erases every value recorded at
--- an earlier position; values from later events (a returning customer, new key) show again.
+-- A `customer_forgotten` event erases every value recorded at an earlier position; values
+-- from later events (a returning customer, new key) show again.
+--
+-- Decryption is lazy: a sealed body names the identifiers its ciphertext holds in the clear
+-- field `identifier_fields` (names, never values), so only the event holding the newest
+-- value of each (customer, field) is decrypted (`candidates`; `retry` takes the next one
+-- only when that one cannot be decrypted). Bodies without `identifier_fields` (appended
+-- before it existed) are decrypted whole. The runner registers what it decrypted as
+-- `batch_identifiers` (position, field, value).
 
 -- name: erase
 DELETE FROM customer_identifiers i
@@ -14,10 +20,71 @@ USING (
 ) f
 WHERE i.customer_id = f.customer_id AND i.position < f.forgotten_at_position;
 
+-- name: candidates
+-- id_live: the batch's events with personal data after their customer's last forget, with
+-- their ordering key (event time in microseconds * 10^12 + position).
+CREATE OR REPLACE TEMP VIEW id_live AS
+WITH last_forget AS (
+    SELECT customer_id, max(position) AS at_position
+    FROM forgotten
+    GROUP BY customer_id
+)
+SELECT b.position, coalesce(a.canonical_id, b.customer_id) AS customer_id,
+       epoch_us(b.occurred_at)::HUGEINT * 1000000000000 + b.position AS key,
+       b.identifier_fields
+FROM batch_events b
+LEFT JOIN customer_aliases a ON a.customer_id = b.customer_id
+LEFT JOIN last_forget f ON f.customer_id = coalesce(a.canonical_id, b.customer_id)
+WHERE b.personal IS NOT NULL AND b.position > coalesce(f.at_position, 0);
+-- Round 1: per (customer, field) the newest event naming the field, if newer than the
+-- stored value; and every body that does not name its identifiers (field NULL).
+CREATE OR REPLACE TEMP TABLE id_candidates AS
+WITH newest AS (
+    SELECT customer_id, field, max(key) AS key
+    FROM (
+        SELECT customer_id, unnest(identifier_fields) AS field, key
+        FROM id_live
+        WHERE identifier_fields IS NOT NULL
+    )
+    GROUP BY customer_id, field
+)
+SELECT n.customer_id, n.field, CAST(n.key % 1000000000000 AS BIGINT) AS position
+FROM newest n
+LEFT JOIN customer_identifiers i ON i.customer_id = n.customer_id AND i.field = n.field
+WHERE i.customer_id IS NULL
+   OR n.key > epoch_us(i.occurred_at)::HUGEINT * 1000000000000 + i.position
+UNION ALL
+SELECT customer_id, NULL, position FROM id_live WHERE identifier_fields IS NULL;
+
+-- name: retry
+-- Round 2, 3, ...: for the (customer, field) pairs whose candidate held no value (its key
+-- was destroyed), the next newest event naming the field.
+CREATE OR REPLACE TEMP TABLE id_candidates AS
+SELECT l.customer_id, f.field, CAST(max(l.key) % 1000000000000 AS BIGINT) AS position
+FROM id_live l
+JOIN id_failed f ON f.customer_id = l.customer_id
+    AND list_contains(l.identifier_fields, f.field)
+    AND l.position <> f.position
+    AND l.key < (SELECT epoch_us(occurred_at)::HUGEINT * 1000000000000 + position
+                 FROM batch_events WHERE position = f.position)
+GROUP BY l.customer_id, f.field;
+
+-- name: pick
+-- The candidates of one round, one row per event (fields NULL: decrypt the whole body).
+SELECT c.position, b.customer_id AS stream_id, from_base64(b.personal) AS sealed,
+       unhex(replace(CAST(b.event_id AS VARCHAR), '-', '')) AS aad,
+       CASE WHEN bool_or(c.field IS NULL) THEN NULL ELSE list(c.field) END AS fields,
+       any_value(c.customer_id) AS customer_id
+FROM id_candidates c
+JOIN batch_events b ON b.position = c.position
+GROUP BY c.position, b.customer_id, b.personal, b.event_id
+ORDER BY c.position;
+
 -- name: merge
 INSERT INTO customer_identifiers
 WITH batch AS (
-    SELECT position, customer_id, occurred_at FROM events WHERE position > $after
+    SELECT position, coalesce(a.canonical_id, b.customer_id) AS customer_id, occurred_at
+    FROM batch_events b LEFT JOIN customer_aliases a ON a.customer_id = b.customer_id
 ),
 last_forget AS (
     SELECT customer_id, max(position) AS at_position

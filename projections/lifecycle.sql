@@ -23,7 +23,7 @@ SELECT customer_id, position, event_id, type, occurred_us, form_id, direction, o
        sentiment, satisfaction
 FROM touches
 WHERE customer_id IN (SELECT customer_id FROM lifecycle_streams)
-ORDER BY customer_id, position;
+ORDER BY position;
 
 -- name: merges
 SELECT customer_id, survivor_id, position FROM customer_merges

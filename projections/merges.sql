@@ -6,11 +6,11 @@
 
 -- name: record
 INSERT INTO customer_merges
-SELECT json_extract_string(body, '$.payload.merged_customer_id'), customer_id, position
-FROM batch_raw
-WHERE json_extract_string(body, '$.type') = 'customers_merged'
-  AND json_extract_string(body, '$.payload.merged_customer_id') IS NOT NULL
-  AND json_extract_string(body, '$.payload.merged_customer_id') <> customer_id
+SELECT merged_customer_id, customer_id, position
+FROM batch_events
+WHERE type = 'customers_merged'
+  AND merged_customer_id IS NOT NULL
+  AND merged_customer_id <> customer_id
   AND position > $after;
 
 -- name: resolve
@@ -44,6 +44,10 @@ UPDATE purchases SET customer_id = m.canonical_id
 FROM merge_moved m WHERE purchases.customer_id = m.customer_id;
 UPDATE forgotten SET customer_id = m.canonical_id
 FROM merge_moved m WHERE forgotten.customer_id = m.customer_id;
+UPDATE ticket_events SET customer_id = m.canonical_id
+FROM merge_moved m WHERE ticket_events.customer_id = m.customer_id;
+UPDATE consents SET customer_id = m.canonical_id
+FROM merge_moved m WHERE consents.customer_id = m.customer_id;
 CREATE OR REPLACE TEMP TABLE identifiers_moved AS
 SELECT m.canonical_id AS customer_id, i.field,
        arg_max(i.value, epoch_us(i.occurred_at)::HUGEINT * 1000000000000 + i.position) AS value,
@@ -71,8 +75,12 @@ USING (
 WHERE i.customer_id = f.customer_id AND i.position < f.forgotten_at_position;
 
 -- name: affected
--- The merged-away keys (their rows are dropped) and the customers they joined.
+-- The merged-away keys (their rows are dropped) and the customers they joined: their
+-- facts are recomputed whole from `events` (`recompute`), not merged with the batch's.
 INSERT INTO affected
 SELECT customer_id FROM merge_moved
 UNION SELECT canonical_id FROM merge_moved
 EXCEPT SELECT customer_id FROM affected;
+INSERT INTO recompute
+SELECT customer_id FROM merge_moved
+UNION SELECT canonical_id FROM merge_moved;

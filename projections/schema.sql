@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS derived_state (
     as_of            TIMESTAMPTZ           -- the reference date they were computed for
 );
 
--- A columnar copy of the ledger's clear (non-personal) fields, one row per event.
+-- The ledger's clear (non-personal) fields, one row per event.
 CREATE TABLE IF NOT EXISTS events (
     position         BIGINT NOT NULL,
     customer_id      VARCHAR NOT NULL,
@@ -73,6 +73,23 @@ CREATE TABLE IF NOT EXISTS touches (
     outcome          VARCHAR,
     sentiment        VARCHAR,
     satisfaction     INTEGER
+);
+
+-- Ticket opens and resolutions (open_tickets is recomputed from them for a batch's customers).
+CREATE TABLE IF NOT EXISTS ticket_events (
+    customer_id      VARCHAR NOT NULL,
+    position         BIGINT NOT NULL,
+    type             VARCHAR NOT NULL,     -- ticket_opened | ticket_resolved
+    ticket_id        VARCHAR
+);
+
+-- Consent changes (the consent_* columns are recomputed from them for a batch's customers).
+CREATE TABLE IF NOT EXISTS consents (
+    customer_id      VARCHAR NOT NULL,
+    position         BIGINT NOT NULL,
+    occurred_at      TIMESTAMPTZ NOT NULL,
+    purpose          VARCHAR,
+    status           VARCHAR
 );
 
 -- The position of each customer's last `customer_forgotten` event.
@@ -239,7 +256,7 @@ CREATE TABLE IF NOT EXISTS customer_aliases (
 
 -- The layout version (runner.LAYOUT_VERSION): a file of another layout needs --rebuild.
 CREATE TABLE IF NOT EXISTS projection_layout (version INTEGER NOT NULL);
-INSERT INTO projection_layout SELECT 3 WHERE NOT EXISTS (SELECT 1 FROM projection_layout);
+INSERT INTO projection_layout SELECT 4 WHERE NOT EXISTS (SELECT 1 FROM projection_layout);
 
 INSERT INTO projection_state VALUES (1, 0, 0, NULL) ON CONFLICT DO NOTHING;
 INSERT INTO derived_state VALUES (1, 0, NULL) ON CONFLICT DO NOTHING;

@@ -74,6 +74,14 @@ def project(
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Ledger events per DuckDB transaction.")
     ] = 50_000,
+    no_columnar: Annotated[
+        bool,
+        typer.Option(
+            "--no-columnar",
+            help="Read every event from the ledger itself: neither use nor extend the "
+            "columnar copy of the log kept beside it (LEDGER_HOME/columnar).",
+        ),
+    ] = False,
 ) -> None:
     """Catch every projection up with the ledger (customer_360, lifecycle, rfm, churn_risk)."""
     # The runner pulls in scipy (the churn model): load it only for this command.
@@ -88,7 +96,9 @@ def project(
     stop = _stop_on_signals()
     with (
         Ledger.open(settings) as ledger,
-        ProjectionRunner.for_settings(ledger, settings, batch_size=batch_size) as runner,
+        ProjectionRunner.for_settings(
+            ledger, settings, batch_size=batch_size, **({"columnar": None} if no_columnar else {})
+        ) as runner,
     ):
         if as_of is not None:
             runner.set_as_of(reference)

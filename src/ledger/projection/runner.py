@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import numpy as np
@@ -37,16 +37,18 @@ from ledger.ledger import Ledger, LedgerError
 from ledger.projection import churn, lifecycle, serve, snapshot
 from ledger.projection.definitions import sql
 from ledger.projection.rfm import segment_table
+from ledger.projection.segments import ColumnarCopy
 from ledger.settings import Settings
 from ledger.store import StoredRow
 
-_PERSONAL_MARK = b'"personal":"'
-_EVENT_ID_MARK = b'"event_id":"'
 _TS = pa.timestamp("us", tz="UTC")
 _SMALL_BATCH = 2_000
 #: The table layout of projections/schema.sql; a file of another layout needs --rebuild.
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 ProgressFn = Callable[[int, int], None]
+#: Events per transaction when loading from the columnar copy (whole segments).
+COPY_BATCH = 1_000_000
+_HAS_MERGES = "SELECT count(*) FROM batch_events WHERE type = 'customers_merged'"
 
 
 class ProjectionRunner:
@@ -63,8 +65,16 @@ class ProjectionRunner:
         snapshot_interval: float = 5.0,
         derive_interval: float = 30.0,
         memory_limit: str = "1GB",
+        columnar: Path | None = None,
+        segment_min_events: int | None = None,
     ):
         self.ledger = ledger
+        self.copy: ColumnarCopy | None = None
+        if columnar is not None:
+            self.copy = ColumnarCopy(columnar, ledger)
+            if segment_min_events is not None:
+                self.copy.min_events = segment_min_events
+            self.copy.remove_stale()
         self.path = Path(path)
         self.snapshot_to = snapshot_to
         self.serve_at = serve_at
@@ -115,6 +125,9 @@ class ProjectionRunner:
 
     @classmethod
     def for_settings(cls, ledger: Ledger, settings: Settings, **options: Any) -> ProjectionRunner:
+        """The runner of ``ledger project``: snapshot, socket and columnar copy beside the
+        ledger (pass ``columnar=None`` to bypass the copy)."""
+        options.setdefault("columnar", columnar_path(settings))
         return cls(
             ledger,
             settings.projections_path,
@@ -158,20 +171,28 @@ class ProjectionRunner:
     def catch_up(
         self, *, on_progress: ProgressFn | None = None, stop: threading.Event | None = None
     ) -> int:
-        """Apply every event the ledger holds now; return how many were applied."""
+        """Apply every event the ledger holds now; return how many were applied.
+
+        Positions the columnar copy holds are loaded from it (in batches of at least
+        ``COPY_BATCH`` events); the rest is read from the ledger, and a large enough batch
+        read at the copy's end extends the copy.
+        """
         applied = 0
         head = self.ledger.position
         while stop is None or not stop.is_set():
             position = self.position
-            rows = self.ledger.read_raw(position, self.batch_size)
-            if not rows:
-                break
-            self.apply(rows, after=position)
-            applied += len(rows)
+            last = self._apply_from_copy(position) if self.copy is not None else None
+            if last is None:
+                rows = self.ledger.read_raw(position, self.batch_size)
+                if not rows:
+                    break
+                self.apply(rows, after=position)
+                last = rows[-1].position
+            applied += last - position
             self._dirty = True
             if on_progress:
-                head = max(head, rows[-1].position)
-                on_progress(rows[-1].position, head)
+                head = max(head, last)
+                on_progress(last, head)
             if (
                 self.snapshot_to
                 and not self._background
@@ -187,142 +208,250 @@ class ProjectionRunner:
                 f"the ledger returned position {rows[0].position} after {after}: "
                 "positions must be gap-free"
             )
-        bodies = [unseal(r.state)[0] for r in rows]
-        personal = [_PERSONAL_MARK in b for b in bodies]
+        sealed = [unseal(r.state) for r in rows]
         batch = pa.table(
             {
                 "position": pa.array([r.position for r in rows], pa.int64()),
                 "customer_id": pa.array([r.customer_id for r in rows], pa.string()),
                 "sequence": pa.array([r.sequence for r in rows], pa.int64()),
-                "body": pa.array(bodies, pa.binary()).cast(pa.string()),
-                "has_personal": pa.array(personal, pa.bool_()),
+                "body": pa.array([b for b, _ in sealed], pa.binary()).cast(pa.string()),
             }
         )
-        identifiers = self._identifiers(rows, bodies, personal)
-        con = self.con
-        # Small batches (follow mode) spend their time in per-thread overhead, not work.
+        last = rows[-1].position
+        copy = self.copy
+        extend = copy is not None and len(rows) >= copy.min_events and copy.frontier == after
         self._use_threads(1 if len(rows) < _SMALL_BATCH else self._threads)
+        con = self.con
         _x(con, "BEGIN")
         try:
             con.register("batch_raw", batch)
-            con.register("batch_identifiers", identifiers)
-            merged = any(r.type == "customers_merged" for r in rows)
-            if merged:  # identity stitching: re-key set-at-a-time (projections/merges.sql)
-                _x(con, sql("merges", "record"), {"after": after})
-                _x(con, sql("merges", "resolve"))
-            _x(con, sql("events", "load"))
-            _x(con, sql("events", "affected"))
-            if merged:
-                _x(con, sql("merges", "rekey"))
-                _x(con, sql("merges", "affected"))
-            _x(con, sql("events", "purchases"), {"after": after})
-            _x(
-                con,
-                sql("events", "touches"),
-                {"after": after, "types": list(lifecycle.RELEVANT_TYPES)},
-            )
-            _x(con, sql("events", "forgotten"), {"after": after})
-            _x(con, sql("identifiers", "erase"), {"after": after})
-            _x(con, sql("identifiers", "merge"), {"after": after})
-            _x(con, sql("customer_360", "refresh"))
-            _x(con, sql("customer_360", "insert"))
-            changes = self._lifecycle(after)
-            _x(con, sql("customer_360", "refresh_affected"))
-            _x(
-                con,
-                "UPDATE projection_state SET position = ?, changes = ?",
-                [rows[-1].position, changes],
-            )
+            _x(con, sql("events", "parse"))
+            con.unregister("batch_raw")
+            if extend and copy is not None:
+                # A cache of the log, valid whether or not this transaction commits.
+                copy.write(con, "batch_events", after + 1, last, sealed[-1][1])
+            self._apply_batch(after, last)
             _x(con, "COMMIT")
         except BaseException:
             _x(con, "ROLLBACK")
             raise
         finally:
-            for name in ("batch_raw", "batch_identifiers", "history_batch", "changes_batch"):
-                con.unregister(name)
+            self._unregister()
+
+    def _apply_from_copy(self, after: int) -> int | None:
+        """Apply the positions after ``after`` that the columnar copy holds; None if none."""
+        assert self.copy is not None
+        segments = self.copy.covering(after, max(self.batch_size, COPY_BATCH))
+        if not segments:
+            return None
+        last = segments[-1].last
+        self._use_threads(self._threads)
+        con = self.con
+        _x(con, "BEGIN")
+        try:
+            _x(
+                con,
+                sql("events", "from_copy"),
+                {"files": [str(s.path) for s in segments], "after": after, "upto": last},
+            )
+            found = _x(con, "SELECT count(*), min(position), max(position) FROM batch_events")[0]
+            if tuple(found) != (last - after, after + 1, last):
+                raise LedgerError(
+                    f"the columnar copy in {self.copy.directory} holds {found[0]} events for "
+                    f"positions {after + 1}..{last}; delete the directory (it is a cache) "
+                    "or run with --no-columnar"
+                )
+            self._apply_batch(after, last)
+            _x(con, "COMMIT")
+        except BaseException:
+            _x(con, "ROLLBACK")
+            raise
+        finally:
+            self._unregister()
+        return last
+
+    def _unregister(self) -> None:
+        for name in ("batch_raw", "batch_identifiers", "history_batch", "changes_batch"):
+            self.con.unregister(name)
+
+    def _apply_batch(self, after: int, last: int) -> None:
+        """Fold ``batch_events`` (positions ``after``+1..``last``) into every table.
+
+        The Python steps (decrypting identifiers, folding lifecycle stages) run in a
+        worker thread while this thread has DuckDB load ``events`` and merge the
+        customer facts (DuckDB releases the GIL while it works): both read only inputs
+        fetched before the worker starts, and their results are written after it ends.
+        """
+        con = self.con
+        _x(con, "CREATE OR REPLACE TEMP TABLE recompute (customer_id VARCHAR)")
+        merged = bool(_x(con, _HAS_MERGES)[0][0])
+        if merged:  # identity stitching: re-key set-at-a-time (projections/merges.sql)
+            _x(con, sql("merges", "record"), {"after": after})
+            _x(con, sql("merges", "resolve"))
+            _x(con, sql("events", "load"))
+        _x(con, sql("events", "affected"))
+        if merged:
+            _x(con, sql("merges", "rekey"))
+            _x(con, sql("merges", "affected"))
+        _x(con, sql("events", "slices"))
+        _x(con, sql("events", "touches"), {"types": list(lifecycle.RELEVANT_TYPES)})
+        _x(con, sql("identifiers", "erase"), {"after": after})
+        candidates = self._identifier_candidates()
+        inputs = self._lifecycle_inputs(after)
+        worker = _Worker(lambda: (self._decrypt(candidates), self._fold(after, inputs)))
+        try:
+            if not merged:
+                _x(con, sql("events", "load"))
+            _x(con, sql("customer_360", "batch"))
+            _x(con, sql("customer_360", "merge"))
+            if merged:
+                _x(con, sql("customer_360", "refresh"))
+                _x(con, sql("customer_360", "insert"))
+        finally:
+            decrypted, folded = worker.result()
+        self._identifiers_finish(decrypted)
+        changes = self._lifecycle_finish(folded, inputs.seq)
+        _x(con, sql("customer_360", "refresh_affected"))
+        _x(con, "UPDATE projection_state SET position = ?, changes = ?", [last, changes])
 
     def _use_threads(self, threads: int) -> None:
         if threads != self._threads_now:
             _x(self.con, f"SET threads = {threads}")
             self._threads_now = threads
 
-    def _identifiers(
-        self, rows: list[StoredRow], bodies: list[bytes], personal: list[bool]
-    ) -> pa.Table:
-        """Decrypt the identifiers of the rows that carry personal data."""
+    def _identifier_candidates(self) -> pa.Table:
+        """The events whose identifiers the batch needs (``projections/identifiers.sql``).
+
+        Per (customer, field) the newest event naming the field, and whole every body
+        that does not name its identifiers; ``_identifiers_finish`` asks for the next
+        newest only when one cannot be decrypted.
+        """
+        con = self.con
         keys = self.ledger.keys
         # A forget destroys the key; a later event for the customer gets a new one, so a
         # cached old key must not be used for the rows after it.
-        for row in rows:
-            if row.type == "customer_forgotten":
-                keys.drop(row.customer_id)
-        ciphers: dict[str, Any] = {}
-        missing = list(
-            dict.fromkeys(
-                r.customer_id
-                for r, has in zip(rows, personal, strict=True)
-                if has and keys.cached(r.customer_id) is None
-            )
-        )
+        for (customer,) in _x(
+            con, "SELECT DISTINCT customer_id FROM batch_events WHERE type = 'customer_forgotten'"
+        ):
+            keys.drop(customer)
+        _x(con, sql("identifiers", "candidates"))
+        return con.sql(sql("identifiers", "pick")).to_arrow_table()
+
+    def _decrypt(self, found: pa.Table, ciphers: dict[str, Any] | None = None) -> _Decrypted:
+        """Decrypt the picked events (pure Python and the key store: runs in the worker)."""
+        keys = self.ledger.keys
+        out = _Decrypted([], [], [], [], {} if ciphers is None else ciphers)
+        if not found.num_rows:
+            return out
+        ciphers = out.ciphers
+        cols = [found.column(i).to_pylist() for i in range(found.num_columns)]
+        streams = [c for c in set(cols[1]) if c not in ciphers]
+        for customer in streams:
+            ciphers[customer] = keys.cached(customer)
+        missing = [c for c in streams if ciphers[c] is None]
         wrapped = self.ledger.store.read_wrapped_keys(missing) if missing else {}
         for customer in missing:
             blob = wrapped.get(customer)
             ciphers[customer] = None if blob is None else keys.load(customer, blob)
-        out_pos: list[int] = []
-        out_field: list[str] = []
-        out_value: list[str] = []
-        mark, mark_len = _PERSONAL_MARK, len(_PERSONAL_MARK)
-        # The body is canonical JSON (sorted keys, escaped strings): the first `"event_id":"`
-        # and `"personal":"` are the top-level fields, so slicing beats parsing the event.
-        for row, body, has in zip(rows, bodies, personal, strict=True):
-            if not has:
-                continue
-            customer = row.customer_id
-            cipher = ciphers[customer] if customer in ciphers else keys.cached(customer)
-            if cipher is None:
-                continue
-            start = body.find(mark) + mark_len
-            blob = body[start : body.index(b'"', start)]
-            at = body.find(_EVENT_ID_MARK) + len(_EVENT_ID_MARK)
-            event_id = bytes.fromhex(body[at : at + 36].replace(b"-", b"").decode())
-            try:
-                plain = kr.decrypt(cipher, blob.decode(), event_id)
-            except InvalidTag:
-                continue  # written under a key that was destroyed: erased
-            ids = orjson.loads(plain).get("identifiers")
-            if ids:
-                for field, value in ids.items():
+        out_pos, out_field, out_value, failed = out.positions, out.fields, out.values, out.failed
+        loads, nonce = orjson.loads, kr.NONCE
+        for position, stream, sealed, aad, fields, customer in zip(*cols, strict=True):
+            cipher = ciphers[stream]
+            ids: Any = None
+            if cipher is not None:
+                try:
+                    ids = loads(cipher.decrypt(sealed[:nonce], sealed[nonce:], aad))
+                except InvalidTag:
+                    pass  # written under a key that was destroyed: erased
+                else:
+                    ids = ids.get("identifiers")
+            if not isinstance(ids, dict):
+                ids = None
+            if fields is None:  # a body that does not name its identifiers: all of them
+                for name, value in (ids or {}).items():
                     if value is not None:
-                        out_pos.append(row.position)
-                        out_field.append(field)
+                        out_pos.append(position)
+                        out_field.append(name)
                         out_value.append(str(value))
-        return pa.table(
-            {
-                "position": pa.array(out_pos, pa.int64()),
-                "field": pa.array(out_field, pa.string()),
-                "value": pa.array(out_value, pa.string()),
-            }
+                continue
+            for field in fields:
+                value = None if ids is None else ids.get(field)
+                if value is None:
+                    failed.append((customer, field, position))
+                else:
+                    out_pos.append(position)
+                    out_field.append(field)
+                    out_value.append(str(value))
+        return out
+
+    def _identifiers_finish(self, decrypted: _Decrypted) -> None:
+        """Retry what could not be decrypted, then merge into ``customer_identifiers``."""
+        con = self.con
+        _x(
+            con,
+            "CREATE OR REPLACE TEMP TABLE id_failed "
+            "(customer_id VARCHAR, field VARCHAR, position BIGINT)",
         )
+        while decrypted.failed:
+            failed = decrypted.failed
+            con.register(
+                "id_failed_in",
+                pa.table(
+                    {
+                        "customer_id": pa.array([f[0] for f in failed], pa.string()),
+                        "field": pa.array([f[1] for f in failed], pa.string()),
+                        "position": pa.array([f[2] for f in failed], pa.int64()),
+                    }
+                ),
+            )
+            _x(con, "DELETE FROM id_failed; INSERT INTO id_failed SELECT * FROM id_failed_in")
+            con.unregister("id_failed_in")
+            _x(con, sql("identifiers", "retry"))
+            again = self._decrypt(
+                con.sql(sql("identifiers", "pick")).to_arrow_table(), decrypted.ciphers
+            )
+            decrypted.positions.extend(again.positions)
+            decrypted.fields.extend(again.fields)
+            decrypted.values.extend(again.values)
+            decrypted.failed[:] = again.failed
+        con.register(
+            "batch_identifiers",
+            pa.table(
+                {
+                    "position": pa.array(decrypted.positions, pa.int64()),
+                    "field": pa.array(decrypted.fields, pa.string()),
+                    "value": pa.array(decrypted.values, pa.string()),
+                }
+            ),
+        )
+        _x(con, sql("identifiers", "merge"))
 
-    def _lifecycle(self, after: int) -> int:
-        """Refold the stage history of customers with relevant events in the batch.
-
-        The change stream is defined per ledger position: the changes in the history
-        after position p that were not in the history after p-1, so the stream is the
-        same however the log is cut into batches.
-        """
+    def _lifecycle_inputs(self, after: int) -> _LifecycleInputs:
+        """The touches and merges of every stream whose stage history the batch changes."""
         con = self.con
         _, _, seq = self._state()
         _x(con, sql("lifecycle", "streams"), {"after": after})
         table = con.sql(sql("lifecycle", "touches")).to_arrow_table()
-        cols = {name: table.column(name).to_pylist() for name in table.column_names}
         merges = _x(con, sql("lifecycle", "merges"))
+        return _LifecycleInputs(table, merges, seq)
+
+    def _fold(self, after: int, inputs: _LifecycleInputs) -> _Folded:
+        """Refold the stage history of customers with relevant events in the batch.
+
+        The change stream is defined per ledger position: the changes in the history
+        after position p that were not in the history after p-1, so the stream is the
+        same however the log is cut into batches. Pure Python: runs in the worker.
+        """
+        table, merges = inputs.touches, inputs.merges
+        cols = {name: table.column(name).to_pylist() for name in table.column_names}
         edges: dict[str, list[tuple[int, str]]] = {}
         for gone, survivor, at in merges:
             edges.setdefault(gone, []).append((at, survivor))
 
         def root_at(customer: str, position: int) -> str:
             """The customer a stream belonged to just after ``position`` (merges so far)."""
+            if customer not in edges:
+                return customer
             for _ in range(64):
                 moves = [s for at, s in edges.get(customer, ()) if at <= position]
                 if not moves:
@@ -332,24 +461,36 @@ class ProjectionRunner:
 
         timelines: dict[str, list[lifecycle.Touch]] = {}
         fresh: list[tuple[int, str, lifecycle.Touch | None]] = []
-        for i, customer in enumerate(cols["customer_id"]):
-            touch = lifecycle.Touch(
-                cols["position"][i],
-                cols["event_id"][i],
-                cols["type"][i],
-                cols["occurred_us"][i],
-                cols["form_id"][i],
-                cols["direction"][i],
-                cols["outcome"][i],
-                cols["sentiment"][i],
-                cols["satisfaction"][i],
-            )
+        touches = map(
+            lifecycle.Touch._make,
+            zip(
+                *(
+                    cols[name]
+                    for name in (
+                        "position",
+                        "event_id",
+                        "type",
+                        "occurred_us",
+                        "form_id",
+                        "direction",
+                        "outcome",
+                        "sentiment",
+                        "satisfaction",
+                    )
+                ),
+                strict=True,
+            ),
+        )
+        for customer, touch in zip(cols["customer_id"], touches, strict=True):
             if touch.position <= after:
                 timelines.setdefault(root_at(customer, after), []).append(touch)
             else:
                 fresh.append((touch.position, customer, touch))
-        fresh.extend((at, gone, None) for gone, _, at in merges if at > after)
-        fresh.sort(key=lambda f: f[0])
+        # Touches come in position order (projections/lifecycle.sql); merges interleave.
+        late_merges = [(at, gone, None) for gone, _, at in merges if at > after]
+        if late_merges:
+            fresh.extend(late_merges)
+            fresh.sort(key=lambda f: f[0])
         states: dict[str, lifecycle.Fold] = {}
         for customer, timeline in timelines.items():
             timeline.sort(key=lambda t: t.order_key)
@@ -375,21 +516,30 @@ class ProjectionRunner:
                 new = [c for c in state.changes if c.change_id not in known]
             else:
                 touch = maybe
-                group = root_at(customer, position)
+                group = root_at(customer, position) if edges else customer
                 groups.add(group)
-                merged_away.discard(group)
-                timeline = timelines.setdefault(group, [])
-                state = states.setdefault(group, lifecycle.Fold(group))
-                if state.last_key is None or touch.order_key > state.last_key:
+                if merged_away:
+                    merged_away.discard(group)
+                listed = timelines.get(group)
+                if listed is None:
+                    listed = timelines[group] = []
+                timeline = listed
+                found = states.get(group)
+                if found is None:
+                    found = states[group] = lifecycle.Fold(group)
+                state = found
+                if state.last_key is None or (touch.occurred_us, position) > state.last_key:
                     before = len(state.changes)
                     state.step(touch)
                     timeline.append(touch)
-                    new = state.changes[before:]
+                    new = state.changes[before:] if len(state.changes) > before else []
                 else:
                     known = {c.change_id for c in state.changes}
                     bisect.insort(timeline, touch, key=lambda t: t.order_key)
                     state = states[group] = lifecycle.fold(group, timeline)
                     new = [c for c in state.changes if c.change_id not in known]
+            if not new:
+                continue
             for k, change in enumerate(new):
                 emitted.append((position, k, change))
         by_customer = {g: states[g] for g in sorted(groups)}
@@ -400,16 +550,21 @@ class ProjectionRunner:
                 history.append((customer, 0, None))
         for customer in sorted(merged_away | (set(edges) - groups)):
             history.append((customer, 0, None))  # merged away: no rows of its own
-        if not history:
+        emitted.sort(key=lambda e: (e[0], e[1]))
+        return _Folded(history, emitted)
+
+    def _lifecycle_finish(self, folded: _Folded, seq: int) -> int:
+        """Write the refolded histories and the new changes; return the last change seq."""
+        con = self.con
+        if not folded.history:
             con.register("history_batch", _history_table([]))
             con.register("changes_batch", _changes_table([], seq))
             return seq
-        emitted.sort(key=lambda e: (e[0], e[1]))
-        con.register("history_batch", _history_table(history))
-        con.register("changes_batch", _changes_table(emitted, seq))
+        con.register("history_batch", _history_table(folded.history))
+        con.register("changes_batch", _changes_table(folded.emitted, seq))
         _x(con, sql("lifecycle", "clear"))
         _x(con, sql("lifecycle", "write"))
-        return seq + len(emitted)
+        return seq + len(folded.emitted)
 
     # ------------------------------------------------------------------ derived
 
@@ -606,6 +761,53 @@ class ProjectionRunner:
             failure.append(exc)
         finally:
             con.close()
+
+
+class _Decrypted(NamedTuple):
+    positions: list[int]
+    fields: list[str]
+    values: list[str]
+    failed: list[tuple[str, str, int]]
+    ciphers: dict[str, Any]
+
+
+class _LifecycleInputs(NamedTuple):
+    touches: pa.Table
+    merges: list[Any]
+    seq: int
+
+
+class _Folded(NamedTuple):
+    history: list[tuple[str, int, lifecycle.Change | None]]
+    emitted: list[tuple[int, int, lifecycle.Change]]
+
+
+class _Worker:
+    """Run ``fn`` in a thread; ``result()`` joins it and returns or re-raises."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._fn = fn
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="projection-python")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as exc:
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def columnar_path(settings: Settings) -> Path:
+    """Where the columnar copy of the log lives: beside the ledger, outside the DuckDB file."""
+    return settings.home / "columnar"
 
 
 def _floats(values: Any) -> pa.Array:

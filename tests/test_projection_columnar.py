@@ -1,0 +1,151 @@
+"""The columnar copy of the log and lazy decryption: a rebuild that reads the copy gives
+the same tables as incremental processing; a copy that does not match the ledger is
+discarded; forget erases identifiers in rebuilds from the copy; only the newest event per
+(customer, identifier) is decrypted and the values equal a full decryption."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import duckdb
+
+from fixtures.projection_data import assert_same_tables, event, generated, project, rows
+from ledger.ledger import Ledger
+from ledger.projection.runner import ProjectionRunner
+from ledger.projection.segments import ColumnarCopy
+from ledger.settings import Settings
+
+
+def _segments(copy: Path) -> list[tuple[int, int]]:
+    found = []
+    for path in sorted(copy.glob("events-*.parquet")):
+        first, last = path.stem.split("-")[1:]
+        found.append((int(first), int(last)))
+    return found
+
+
+def test_rebuild_from_the_copy_equals_incremental(
+    sqlite_settings: Settings, tmp_path: Path
+) -> None:
+    lines = generated(3_000, 150)
+    copy = tmp_path / "columnar"
+    with Ledger.open(sqlite_settings) as ledger:
+        incremental = ProjectionRunner(
+            ledger, tmp_path / "inc.duckdb", batch_size=400, columnar=copy, segment_min_events=400
+        )
+        for start in range(0, len(lines), 700):
+            assert not ledger.append(lines[start : start + 700]).rejected
+            incremental.run()
+        # Only whole batches read at the copy's end become segments: here 1..400.
+        assert _segments(copy) == [(1, 400)]
+        # A rebuild reads 1..400 from the copy, the rest from the log (extending the copy).
+        with project(
+            ledger, tmp_path / "first.duckdb", batch_size=400, columnar=copy, segment_min_events=400
+        ) as first:
+            assert_same_tables(incremental.con, first.con)
+        chain = _segments(copy)
+        assert chain[0] == (1, 400) and chain[-1] == (2_401, 2_800)
+        assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(chain))
+        # A second rebuild reads 1..2,800 from the copy (one transaction) and the tail.
+        with project(ledger, tmp_path / "second.duckdb", columnar=copy) as second:
+            assert second.copy is not None and second.copy.frontier == 2_800
+            assert_same_tables(incremental.con, second.con)
+        # And the same without the copy at all.
+        with project(ledger, tmp_path / "plain.duckdb") as plain:
+            assert_same_tables(incremental.con, plain.con)
+        incremental.close()
+
+
+def test_a_copy_of_another_ledger_or_a_damaged_segment_is_discarded(
+    sqlite_settings: Settings, tmp_path: Path
+) -> None:
+    copy = tmp_path / "columnar"
+    other = Settings(home=tmp_path / "other", master_key=sqlite_settings.master_key)
+    with Ledger.open(other) as ledger:
+        assert not ledger.append(generated(1_000, 50, seed=3)).rejected
+        project(
+            ledger, tmp_path / "other.duckdb", batch_size=500, columnar=copy, segment_min_events=1
+        ).close()
+    assert _segments(copy) == [(1, 500), (501, 1_000)]
+    with Ledger.open(sqlite_settings) as ledger:
+        assert not ledger.append(generated(1_000, 50, seed=4)).rejected
+        checked = ColumnarCopy(copy, ledger)
+        assert checked.frontier == 0  # the hash of position 500 is not this ledger's
+        assert _segments(copy) == [(501, 1_000)]  # the first failed and was deleted
+        with project(
+            ledger, tmp_path / "p.duckdb", batch_size=500, columnar=copy, segment_min_events=1
+        ) as runner:
+            assert _segments(copy) == [(1, 500), (501, 1_000)]
+            with project(ledger, tmp_path / "plain.duckdb") as plain:
+                assert_same_tables(runner.con, plain.con)
+        # A segment that cannot be read is a cache miss, not an error.
+        (copy / "events-000000000001-000000000500.parquet").write_bytes(b"not parquet")
+        with (
+            project(ledger, tmp_path / "again.duckdb", columnar=copy) as again,
+            duckdb.connect(str(tmp_path / "p.duckdb"), read_only=True) as before,
+        ):
+            assert_same_tables(before, again.con)
+
+
+def test_forget_erases_identifiers_in_a_rebuild_from_the_copy(
+    sqlite_settings: Settings, tmp_path: Path
+) -> None:
+    copy = tmp_path / "columnar"
+    alice = [
+        event("cus_a", "2026-01-01T00:00:00Z", "page_viewed", {"url": "u"}, {"email": "a@x.io"}),
+        event(
+            "cus_b",
+            "2026-01-02T00:00:00Z",
+            "page_viewed",
+            {"url": "u"},
+            {"phone": "+4915112345678"},
+        ),
+    ]
+    with Ledger.open(sqlite_settings) as ledger:
+        ledger.append(alice)
+        project(ledger, tmp_path / "p.duckdb", columnar=copy, segment_min_events=1).close()
+        assert _segments(copy) == [(1, 2)]
+        assert ledger.forget("cus_a")
+        with project(ledger, tmp_path / "rebuilt.duckdb", columnar=copy) as rebuilt:
+            # The copy still holds the ciphertext, but its key is gone.
+            assert rebuilt.con.execute(
+                "SELECT customer_id, email, phone, erased FROM customer_360 ORDER BY 1"
+            ).fetchall() == [("cus_a", None, None, True), ("cus_b", None, "+4915112345678", False)]
+            with project(ledger, tmp_path / "plain.duckdb") as plain:
+                assert_same_tables(plain.con, rebuilt.con)
+
+
+def test_only_the_newest_identifiers_are_decrypted_and_they_match_a_full_decryption(
+    sqlite_settings: Settings, tmp_path: Path
+) -> None:
+    with Ledger.open(sqlite_settings) as ledger:
+        assert not ledger.append(generated(3_000, 150, seed=11)).rejected
+        newest: dict[tuple[str, str], tuple[object, int, str]] = {}
+        for recorded in ledger.read(0, 10_000, decrypt=True):
+            for field, value in (recorded.identifiers or {}).items():
+                known = newest.get((recorded.customer_id, field))
+                if value is not None and (
+                    known is None or (recorded.occurred_at, recorded.position) > known[:2]
+                ):
+                    newest[(recorded.customer_id, field)] = (
+                        recorded.occurred_at,
+                        recorded.position,
+                        str(value),
+                    )
+        with project(
+            ledger, tmp_path / "p.duckdb", columnar=tmp_path / "columnar", segment_min_events=1
+        ) as runner:
+            got = rows(runner.con, "customer_identifiers")
+            assert {(r[0], r[1]): (r[3], r[4], r[2]) for r in got} == newest
+            # What a rebuild decrypts: one event per (customer, field) at most.
+            runner.con.execute("BEGIN")
+            runner.con.execute(
+                "CREATE OR REPLACE TEMP TABLE batch_events AS SELECT * FROM read_parquet(?)",
+                [[str(s.path) for s in (runner.copy.chain() if runner.copy else [])]],
+            )
+            runner.con.execute("DELETE FROM customer_identifiers")
+            picked = runner._identifier_candidates()
+            runner.con.execute("ROLLBACK")
+            assert 0 < picked.num_rows <= len(newest)
+            assert picked.num_rows < 3_000 // 4
