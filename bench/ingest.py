@@ -204,8 +204,20 @@ def main() -> None:
     parser.add_argument("--idiomatic-events", type=int, default=20_000)
     parser.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL")
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument(
+        "--writer-checkpoints",
+        action="store_true",
+        help="A/B: SQLite's default checkpointing (the committing writer checkpoints every "
+        "1,000 WAL pages) instead of the store's background checkpointer",
+    )
     parser.add_argument("--work", type=Path, default=None, help="keep files here (default: tmp)")
     args = parser.parse_args()
+    if args.writer_checkpoints:
+        import ledger.store.sqlite as sqlite_store
+
+        sqlite_store._WAL_FALLBACK_PAGES = 1_000  # SQLite's default wal_autocheckpoint
+        sqlite_store._Checkpointer.committed = lambda self: None  # type: ignore[method-assign]
+        print("A/B: writer checkpoints (SQLite's default), no background checkpointer")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="ledger-bench-"))
     work.mkdir(parents=True, exist_ok=True)
