@@ -6,6 +6,7 @@ import contextlib
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,10 +104,14 @@ class _Checkpointer:
         finally:
             con.close()
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Ask the thread to end after at most one more checkpoint (does not wait)."""
         self._stop.set()
         self._dirty.set()
-        if self._thread is not None:
+
+    def close(self) -> None:
+        self.stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
 
@@ -235,6 +240,8 @@ class SQLiteStore(EventStore):
         self.recorder = LedgerSQLiteRecorder(self.datastore)
         create_schema(self.recorder)
         self._checkpointer = _Checkpointer(self.path)
+        # A store dropped without close() must not leave its thread polling forever.
+        weakref.finalize(self, self._checkpointer.stop)
 
     @contextmanager
     def write(self) -> Iterator[WriteSession]:
