@@ -8,8 +8,11 @@ calls from 10 visitors each, so the identity graph links repeat visitors):
 * collector - ``ledger serve`` in its own process (SQLite ledger in a temp dir),
               loaded over loopback by a *separate* load-generating process
               holding ``--connections`` keep-alive connections; events/s over
-              the whole run and p50/p99 request latency; afterwards the ledger's
-              event count must equal the count the server acknowledged;
+              the whole run and p50/p99 request latency; the server's CPU time
+              per event during the load (user + system, all its threads: less
+              sensitive than events/s to other work on a shared machine);
+              afterwards the ledger's event count must equal the count the
+              server acknowledged;
 * baseline  - ``Ledger.append`` of the same messages, mapped and resolved, in
               batches of 100 in this process: the ledger's own cost with no HTTP;
               beside it, the time per event of each stage the collector runs
@@ -142,6 +145,12 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_collector(work: Path, payloads: list[bytes], connections: int) -> dict[str, Any]:
     from ledger.collector.auth import SourceRegistry
     from ledger.collector.db import CollectorDB
@@ -177,6 +186,7 @@ def run_collector(work: Path, payloads: list[bytes], connections: int) -> dict[s
                     raise RuntimeError("the collector did not start") from None
                 time.sleep(0.1)
         result_file = work / "load.json"
+        cpu_before = process_cpu(server.pid)
         subprocess.run(
             [
                 sys.executable,
@@ -190,10 +200,12 @@ def run_collector(work: Path, payloads: list[bytes], connections: int) -> dict[s
             ],
             check=True,
         )
+        cpu = process_cpu(server.pid) - cpu_before
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
     result = json.loads(result_file.read_text())
+    result["server_cpu"] = cpu
     with Ledger.open(settings) as ledger:
         result["in_ledger"] = ledger.store.max_position()
     return result
@@ -275,6 +287,11 @@ def main() -> None:
             print(
                 f"  request latency          p50 {pct(lat, 0.50) * 1000:.1f} ms, "
                 f"p99 {pct(lat, 0.99) * 1000:.1f} ms, max {max(lat) * 1000:.1f} ms"
+            )
+            per_event = run["server_cpu"] / max(run["acked"], 1) * 1e6
+            print(
+                f"  server CPU               {per_event:.1f} µs per event (user + system, all "
+                f"threads): {1e6 / per_event:,.0f} events/s per core busy"
             )
             print(
                 f"  acknowledged / in ledger {run['acked']:,} / {run['in_ledger']:,} "

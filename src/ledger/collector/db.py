@@ -18,6 +18,10 @@ from typing import IO, Any
 from ledger.ledger import LedgerError
 from ledger.settings import Settings
 
+#: WAL pages past which a commit on this connection checkpoints itself (the ledger's value).
+WAL_FALLBACK_PAGES = 16_384
+#: Page cache of the connection: the identity graph's indexes are read at random.
+CACHE_MB = 32
 #: pg_advisory_lock key of "the collector of this database" (any fixed 64-bit number).
 _ADVISORY_KEY = 0x6C65_6467_6572_0005
 
@@ -49,6 +53,14 @@ class CollectorDB:
                 )
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                # The ledger checkpoints the shared WAL from a thread of its own; with SQLite's
+                # default (1,000 pages) this connection's commits did it instead, inside the
+                # collector's writer (a fifth of its time under load). Same fallback as the
+                # ledger's connections.
+                self._conn.execute(f"PRAGMA wal_autocheckpoint={WAL_FALLBACK_PAGES}")
+                self._conn.execute(f"PRAGMA cache_size=-{CACHE_MB * 1024}")
+                # Unlinked identifier hashes (forget) are overwritten, not left in free pages.
+                self._conn.execute("PRAGMA secure_delete=ON")
                 self.location = str(settings.sqlite_path)
         except Exception as exc:  # sqlite3.Error / psycopg.Error: say where, not a traceback
             raise LedgerError(f"cannot open the collector tables: {exc}") from None

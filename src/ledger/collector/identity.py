@@ -392,16 +392,29 @@ class GraphResolver:
             # from the tables. Only between groups: nothing is pending now.
             self._reset()
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        keyed = [
-            sorted(
-                ((k, v, (k, self.pseudonyms.digest(k, v))) for k, v in t.ids),
-                key=lambda x: _STRENGTH[x[0]],
-            )
-            for t in touches
-        ]
-        self._prefetch([key for ids in keyed for _, _, key in ids])
+        # A group repeats identifiers (a visitor's page views): hash each once.
+        digests: dict[tuple[str, str], tuple[str, str]] = {}
+        digest = self.pseudonyms.digest
+        keyed: list[list[tuple[str, str, tuple[str, str]]]] = []
+        for t in touches:
+            ids = []
+            for pair in t.ids:
+                key = digests.get(pair)
+                if key is None:
+                    key = digests[pair] = (pair[0], digest(*pair))
+                ids.append((pair[0], pair[1], key))
+            if len(ids) > 1:
+                ids.sort(key=lambda x: _STRENGTH[x[0]])
+            keyed.append(ids)
+        self._prefetch(list(digests.values()))
         derived: list[dict[str, Any]] = []
+        owner = self._owner
         for touch, ids in zip(touches, keyed, strict=True):
+            if len(ids) == 1:
+                known = owner.get(ids[0][2])
+                if known is not None:  # one identifier, already linked: its owner
+                    touch.event["customer_id"] = known
+                    continue
             touch.event["customer_id"] = self._resolve_one(touch, ids, now, derived)
         return derived
 

@@ -39,6 +39,7 @@ from its content, which still makes exact retries idempotent.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import re
 from decimal import Decimal, InvalidOperation
@@ -63,7 +64,9 @@ CALLS = ("track", "identify", "page", "screen", "group", "alias")
 _DIRECT_TYPES = frozenset(t for t, (c, _) in EVENT_TYPES.items() if c != "system")
 
 
+@functools.lru_cache(maxsize=4096)
 def _snake(name: str) -> str:
+    # Cached: a site sends the same few event names over and over.
     return re.sub(r"[\s\-]+", "_", name.strip()).lower()
 
 
@@ -193,14 +196,25 @@ def map_message(
     traits = _object(msg.get("traits"), "traits")
     context_traits = _object(context.get("traits"), "context.traits")
     props = _object(msg.get("properties"), "properties")
-    known = {**context_traits, **traits}
-    envelope_ids, ids = identifiers_of(
-        user_id=user_id,
-        anonymous_id=anonymous_id or previous_id,
-        email=normalise_email(known.get("email")),
-        phone=normalise_phone(known.get("phone")),
-        name=known.get("name"),
-    )
+    if traits or context_traits:
+        known = {**context_traits, **traits}
+        envelope_ids, ids = identifiers_of(
+            user_id=user_id,
+            anonymous_id=anonymous_id or previous_id,
+            email=normalise_email(known.get("email")),
+            phone=normalise_phone(known.get("phone")),
+            name=known.get("name"),
+        )
+    else:  # most calls (page, track): ids only, the same result without the general path
+        envelope_ids = {}
+        ids = []
+        if user_id:
+            envelope_ids["user_id"] = user_id
+            ids.append(("user_id", user_id))
+        anonymous = anonymous_id or previous_id
+        if anonymous:
+            envelope_ids["anonymous_id"] = anonymous
+            ids.append(("anonymous_id", anonymous))
 
     if kind == "page":
         page = _object(context.get("page"), "context.page")

@@ -21,6 +21,7 @@ EVENT_NAMESPACE = uuid.UUID("6f1c0b7e-2d55-5d0e-9a43-1c9d0f6b8a11")
 #: Identifier kinds the identity graph links, strongest first (the order ties are broken in).
 IDENTIFIER_KINDS = ("user_id", "email", "phone", "social_handle", "anonymous_id")
 _NS_BYTES = EVENT_NAMESPACE.bytes
+_VARIANT = {f"{n:x}": f"{(n & 0x3) | 0x8:x}" for n in range(16)}
 
 
 class MappingError(ValueError):
@@ -48,13 +49,9 @@ def event_id(source: str, message_id: str, part: str = "") -> str:
     This is ``str(uuid.uuid5(EVENT_NAMESPACE, ...))``, computed without the UUID class,
     which costs more than the hash on the collector's per-event path.
     """
-    digest = bytearray(
-        hashlib.sha1(_NS_BYTES + f"{source}\n{message_id}\n{part}".encode()).digest()[:16]
-    )
-    digest[6] = (digest[6] & 0x0F) | 0x50
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    h = hashlib.sha1(_NS_BYTES + f"{source}\n{message_id}\n{part}".encode()).hexdigest()
+    # Version 5 in the 13th hex digit, the RFC 4122 variant in the 17th.
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def normalise_email(value: Any) -> str | None:
@@ -88,6 +85,9 @@ def normalise_handle(value: Any, network: str | None = None) -> str | None:
 
 def plain_id(value: Any) -> str | None:
     """Segment ids may be strings or numbers; empty means absent."""
+    if value.__class__ is str:  # the usual case first
+        text = value.strip()
+        return text[:200] if text else None
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
