@@ -683,12 +683,15 @@ def _split_personal(event: Event) -> tuple[dict[str, Any], dict[str, Any]]:
     identifiers = clear.pop("identifiers", None)
     if identifiers:
         personal["identifiers"] = identifiers
-    outside = clear.keys() - ENVELOPE_FIELDS
-    extra = {k: clear.pop(k) for k in sorted(outside)} if outside else {}
+    extra = (
+        {}
+        if ENVELOPE_FIELDS.issuperset(clear)
+        else {k: clear.pop(k) for k in [k for k in clear if k not in ENVELOPE_FIELDS]}
+    )
     payload = clear["payload"]
     known = PAYLOAD_FIELDS[clear["type"]]
     secret_names = PERSONAL_FIELDS[clear["type"]]
-    if not payload.keys() <= known or not secret_names.isdisjoint(payload):
+    if not known.issuperset(payload) or not secret_names.isdisjoint(payload):
         payload = dict(payload)  # the caller's event stays untouched
         for name in [k for k in payload if k not in known]:
             extra[f"payload.{name}"] = payload.pop(name)
