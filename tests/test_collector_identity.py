@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from collector_server import Server, add_source, cli_env
 from conftest import TEST_MASTER_KEY
 from ledger.collector import segment
-from ledger.collector.db import CollectorDB
+from ledger.collector.db import WAL_FALLBACK_PAGES, CollectorDB
 from ledger.collector.identity import (
     GraphResolver,
     Pseudonyms,
@@ -425,3 +425,17 @@ def test_graph_invariants_hold_for_any_sequence_of_touches(
         assert [e.customer_id for e in touched if e.type == "identity_linked"] == customers
         runs.append((customers, merges))
     assert runs[0] == runs[1]  # the same touches in the same order: the same customers
+
+
+def test_the_graphs_connection_leaves_wal_checkpoints_to_the_ledger(tmp_path: Path) -> None:
+    """With SQLite's default (1,000 pages) the graph's commits ran the shared WAL's
+    checkpoint inside the collector's writer; erased identifier hashes are overwritten."""
+    settings = Settings(home=tmp_path / "home", master_key=TEST_MASTER_KEY)
+    with Ledger.open(settings):
+        db = CollectorDB(settings, durable=False)
+        try:
+            assert db.query("PRAGMA wal_autocheckpoint") == [(WAL_FALLBACK_PAGES,)]
+            assert db.query("PRAGMA secure_delete") == [(1,)]
+            assert db.query("PRAGMA synchronous") == [(1,)]  # NORMAL: the ledger fsyncs
+        finally:
+            db.close()

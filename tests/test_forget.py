@@ -282,8 +282,20 @@ def test_forget_also_unlinks_the_collectors_identity_graph(tmp_path: Path) -> No
         )
         assert person == browsing != app_user  # merged: the older customer survives
 
+        with sqlite3.connect(home / "ledger.db") as conn:
+            digests = [
+                bytes.fromhex(r[0])
+                for r in conn.execute("SELECT digest FROM collector_identifiers")
+            ]
+        assert len(digests) == 3  # cookie, user id, email: all of this one person
+
         forgot = _cli(home, "forget", app_user, "--yes", "--reason", "art. 17")
         assert forgot.returncode == 0, forgot.stderr
+        # The identifier hashes are gone from every byte on disk, not only from the table.
+        on_disk = (home / "ledger.db").read_bytes()
+        wal = home / "ledger.db-wal"
+        on_disk += wal.read_bytes() if wal.exists() else b""
+        assert not [d for d in digests if d.hex().encode() in on_disk]
         out = forgot.stdout.replace("\n", "")
         assert f"forgot {browsing}, {app_user}: data key destroyed" in out
         assert f"identifiers unlinked (with the merged customers {browsing})" in out
