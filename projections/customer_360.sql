@@ -6,9 +6,9 @@
 -- `consents`) for the customers whose batch touched them. So a batch's cost does not grow
 -- with the ledger and late events land correctly. Customers re-keyed by a merge in the batch
 -- (the `recompute` temp table) are recomputed whole from `events` (`insert`).
--- `customer_360_base` adds identifiers and lifecycle (refreshed for the affected customers
--- each batch) and the `customer_360` view joins RFM and churn risk, which are recomputed on
--- their own schedule. Snapshots hold customer_360 as a table.
+-- `customer_360_base` holds identifiers and lifecycle stage (refreshed for the affected
+-- customers each batch) and the `customer_360` view joins facts, base, RFM and churn risk
+-- (the last two recomputed on their own schedule). Snapshots hold customer_360 as a table.
 
 -- "Latest" means by event time, ties by ledger position; the pair is packed into one
 -- HUGEINT key (epoch microseconds * 10^12 + position) for arg_max, twice as fast as a
@@ -237,15 +237,19 @@ LEFT JOIN tickets t ON t.customer_id = m.customer_id
 GROUP BY m.customer_id;
 
 -- name: base
--- customer_360_base: facts, identifiers and lifecycle (changed by batches only).
-CREATE TABLE IF NOT EXISTS customer_360_base AS
-SELECT f.customer_id,
-       NULL::VARCHAR AS email, NULL::VARCHAR AS phone, NULL::VARCHAR AS name,
-       NULL::VARCHAR AS user_id, NULL::VARCHAR AS anonymous_id, NULL::VARCHAR AS social_handle,
-       f.* EXCLUDE (customer_id),
-       NULL::VARCHAR AS lifecycle_stage, NULL::TIMESTAMPTZ AS lifecycle_since
-FROM customer_facts f
-WITH NO DATA;
+-- customer_360_base: the decrypted identifiers and the lifecycle stage per customer
+-- (changed by batches only; narrow, so refreshing a batch's customers stays cheap).
+CREATE TABLE IF NOT EXISTS customer_360_base (
+    customer_id      VARCHAR NOT NULL,
+    email            VARCHAR,
+    phone            VARCHAR,
+    name             VARCHAR,
+    user_id          VARCHAR,
+    anonymous_id     VARCHAR,
+    social_handle    VARCHAR,
+    lifecycle_stage  VARCHAR,
+    lifecycle_since  TIMESTAMPTZ
+);
 
 -- name: refresh_affected
 DELETE FROM customer_360_base WHERE customer_id IN (SELECT customer_id FROM affected);
@@ -267,18 +271,21 @@ stages AS (
     WHERE customer_id IN (SELECT customer_id FROM affected)
 )
 SELECT f.customer_id, i.email, i.phone, i.name, i.user_id, i.anonymous_id, i.social_handle,
-       f.* EXCLUDE (customer_id), l.stage, l.since
-FROM customer_facts f
+       l.stage, l.since
+FROM (SELECT customer_id FROM customer_facts
+      WHERE customer_id IN (SELECT customer_id FROM affected)) f
 LEFT JOIN ids i ON i.customer_id = f.customer_id
-LEFT JOIN stages l ON l.customer_id = f.customer_id
-WHERE f.customer_id IN (SELECT customer_id FROM affected);
+LEFT JOIN stages l ON l.customer_id = f.customer_id;
 
 -- name: view
--- customer_360: the base row plus RFM and churn risk (recomputed on their own schedule).
+-- customer_360: facts, identifiers and lifecycle, plus RFM and churn risk (recomputed on
+-- their own schedule).
 CREATE OR REPLACE VIEW customer_360 AS
-SELECT b.*,
+SELECT f.customer_id, b.email, b.phone, b.name, b.user_id, b.anonymous_id, b.social_handle,
+       f.* EXCLUDE (customer_id), b.lifecycle_stage, b.lifecycle_since,
        r.r_score, r.f_score, r.m_score, r.segment AS rfm_segment,
        c.method AS churn_method, c.p_alive, c.expected_purchases_90d, c.risk_band AS churn_risk
-FROM customer_360_base b
-LEFT JOIN rfm r ON r.customer_id = b.customer_id
-LEFT JOIN churn_risk c ON c.customer_id = b.customer_id;
+FROM customer_facts f
+LEFT JOIN customer_360_base b ON b.customer_id = f.customer_id
+LEFT JOIN rfm r ON r.customer_id = f.customer_id
+LEFT JOIN churn_risk c ON c.customer_id = f.customer_id;

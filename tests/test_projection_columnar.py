@@ -145,7 +145,7 @@ def test_only_the_newest_identifiers_are_decrypted_and_they_match_a_full_decrypt
                 [[str(s.path) for s in (runner.copy.chain() if runner.copy else [])]],
             )
             runner.con.execute("DELETE FROM customer_identifiers")
-            picked = runner._identifier_candidates()
+            picked = runner._identifier_candidates([])
             runner.con.execute("ROLLBACK")
             assert 0 < picked.num_rows <= len(newest)
             assert picked.num_rows < 3_000 // 4

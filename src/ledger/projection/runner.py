@@ -44,11 +44,16 @@ from ledger.store import StoredRow
 _TS = pa.timestamp("us", tz="UTC")
 _SMALL_BATCH = 2_000
 #: The table layout of projections/schema.sql; a file of another layout needs --rebuild.
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 ProgressFn = Callable[[int, int], None]
+#: WAL size at which DuckDB checkpoints by itself while following (see ``follow``).
+FOLLOW_CHECKPOINT_MB = 1024
+#: Following, checkpoint a WAL of 64 MB or more once no batch came for this long.
+IDLE_CHECKPOINT_SECONDS = 2.0
 #: Events per transaction when loading from the columnar copy (whole segments).
 COPY_BATCH = 1_000_000
 _HAS_MERGES = "SELECT count(*) FROM batch_events WHERE type = 'customers_merged'"
+_FORGOTTEN = "SELECT DISTINCT customer_id FROM batch_events WHERE type = 'customer_forgotten'"
 
 
 class ProjectionRunner:
@@ -104,6 +109,7 @@ class ProjectionRunner:
         self._published_at = 0.0
         self._derived_at = 0.0
         self._dirty = False
+        self._applied_at = 0.0
         self._background = False
         if snapshot_to is not None:
             snapshot.remove_stale(snapshot_to)
@@ -190,6 +196,7 @@ class ProjectionRunner:
                 last = rows[-1].position
             applied += last - position
             self._dirty = True
+            self._applied_at = time.monotonic()
             if on_progress:
                 head = max(head, last)
                 on_progress(last, head)
@@ -295,8 +302,10 @@ class ProjectionRunner:
             _x(con, sql("merges", "affected"))
         _x(con, sql("events", "slices"))
         _x(con, sql("events", "touches"), {"types": list(lifecycle.RELEVANT_TYPES)})
-        _x(con, sql("identifiers", "erase"), {"after": after})
-        candidates = self._identifier_candidates()
+        forgotten = [c for (c,) in _x(con, _FORGOTTEN)]
+        if forgotten:
+            _x(con, sql("identifiers", "erase"), {"after": after})
+        candidates = self._identifier_candidates(forgotten)
         inputs = self._lifecycle_inputs(after)
         worker = _Worker(lambda: (self._decrypt(candidates), self._fold(after, inputs)))
         try:
@@ -319,7 +328,7 @@ class ProjectionRunner:
             _x(self.con, f"SET threads = {threads}")
             self._threads_now = threads
 
-    def _identifier_candidates(self) -> pa.Table:
+    def _identifier_candidates(self, forgotten: list[str]) -> pa.Table:
         """The events whose identifiers the batch needs (``projections/identifiers.sql``).
 
         Per (customer, field) the newest event naming the field, and whole every body
@@ -330,9 +339,7 @@ class ProjectionRunner:
         keys = self.ledger.keys
         # A forget destroys the key; a later event for the customer gets a new one, so a
         # cached old key must not be used for the rows after it.
-        for (customer,) in _x(
-            con, "SELECT DISTINCT customer_id FROM batch_events WHERE type = 'customer_forgotten'"
-        ):
+        for customer in forgotten:
             keys.drop(customer)
         _x(con, sql("identifiers", "candidates"))
         return con.sql(sql("identifiers", "pick")).to_arrow_table()
@@ -719,6 +726,11 @@ class ProjectionRunner:
         """
         if self.snapshot_to is not None and not self.snapshot_to.exists():
             self.publish()
+        # Each small batch adds to the WAL; DuckDB's automatic checkpoint (every 16 MB)
+        # would then rewrite the wide per-customer tables inside some batch's COMMIT,
+        # stalling that batch for hundreds of ms. Following, checkpoint on our schedule
+        # instead: in the maintenance thread, between batches (see _maintain).
+        _x(self.con, f"SET checkpoint_threshold = '{FOLLOW_CHECKPOINT_MB}MB'")
         position, derived, _ = self._state()
         if position == derived:
             self._derived_at = time.monotonic()  # fresh already: wait a full interval
@@ -746,6 +758,13 @@ class ProjectionRunner:
         if self._dirty:
             self.publish()
 
+    def _wal_mb(self) -> float:
+        wal = Path(f"{self.path}.wal")
+        try:
+            return wal.stat().st_size / 2**20
+        except OSError:
+            return 0.0
+
     def _maintain(self, done: threading.Event, failure: list[BaseException]) -> None:
         con = self.con.cursor()
         try:
@@ -756,6 +775,8 @@ class ProjectionRunner:
                     self.refresh_derived(con=con)
                 if self._dirty and now - self._published_at >= self.snapshot_interval:
                     self.publish(con)
+                if now - self._applied_at >= IDLE_CHECKPOINT_SECONDS and self._wal_mb() >= 64:
+                    _x(con, "CHECKPOINT")  # quiet for a while: fold the WAL in now
                 done.wait(0.05)
         except BaseException as exc:
             failure.append(exc)
