@@ -568,11 +568,10 @@ class Ledger:
                 head = running.get(row.customer_id)
                 expected_seq = head.sequence + 1 if head else 1
                 prev = head.hash if head else GENESIS
-                problem = _check_row(row, expected_seq, prev)
+                problem, digest = _check_row(row, expected_seq, prev)
                 if problem:
                     flag(row.customer_id, row.sequence, row.position, problem)
                     continue
-                _, digest = unseal(row.state)
                 running[row.customer_id] = Head(row.sequence, digest)
             if on_progress:
                 on_progress(last_position, total)
@@ -655,21 +654,28 @@ class Ledger:
         )
 
 
-def _check_row(row: StoredRow, expected_seq: int, prev: str) -> str | None:
+def _check_row(row: StoredRow, expected_seq: int, prev: str) -> tuple[str | None, str]:
+    """(what is wrong with this row, or None; its recorded hash)."""
     try:
         body, digest = unseal(row.state)
         rec = orjson.loads(body)
     except (SealError, orjson.JSONDecodeError):
-        return "the stored bytes are not a sealed event (altered or truncated)"
+        return "the stored bytes are not a sealed event (altered or truncated)", ""
     if chain_hash(rec.get("prev_hash", ""), body) != digest:
-        return "content does not match its hash (the event was altered)"
+        return "content does not match its hash (the event was altered)", digest
     if rec.get("prev_hash") != prev:
-        return "prev_hash does not match the previous event's hash (the chain was rewritten)"
+        return (
+            "prev_hash does not match the previous event's hash (the chain was rewritten)",
+            digest,
+        )
     if row.sequence != expected_seq or rec.get("sequence") != row.sequence:
-        return f"sequence {row.sequence} where {expected_seq} was expected"
+        return f"sequence {row.sequence} where {expected_seq} was expected", digest
     if rec.get("position") != row.position or rec.get("customer_id") != row.customer_id:
-        return "the event was moved: its position or customer differs from its sealed content"
-    return None
+        return (
+            "the event was moved: its position or customer differs from its sealed content",
+            digest,
+        )
+    return None, digest
 
 
 def _split_personal(event: Event) -> tuple[dict[str, Any], dict[str, Any]]:
