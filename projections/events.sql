@@ -44,7 +44,9 @@ FROM (
 
 -- name: from_copy
 -- $files: Parquet segments of the columnar copy; the batch is the positions after $after.
-CREATE OR REPLACE TEMP TABLE batch_events AS
+-- A view (the runner writes the values in; a view takes no parameters): each statement
+-- reads only the columns it needs, straight from the segments.
+CREATE OR REPLACE TEMP VIEW batch_events AS
 SELECT * FROM read_parquet($files) WHERE position > $after AND position <= $upto;
 
 -- name: load

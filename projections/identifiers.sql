@@ -70,7 +70,8 @@ JOIN id_failed f ON f.customer_id = l.customer_id
 GROUP BY l.customer_id, f.field;
 
 -- name: pick
--- The candidates of one round, one row per event (fields NULL: decrypt the whole body).
+-- The candidates of one round, one row per event (fields NULL: decrypt the whole body),
+-- grouped by stream (the runner holds one stream's key at a time).
 SELECT c.position, b.customer_id AS stream_id, from_base64(b.personal) AS sealed,
        unhex(replace(CAST(b.event_id AS VARCHAR), '-', '')) AS aad,
        CASE WHEN bool_or(c.field IS NULL) THEN NULL ELSE list(c.field) END AS fields,
@@ -78,7 +79,7 @@ SELECT c.position, b.customer_id AS stream_id, from_base64(b.personal) AS sealed
 FROM id_candidates c
 JOIN batch_events b ON b.position = c.position
 GROUP BY c.position, b.customer_id, b.personal, b.event_id
-ORDER BY c.position;
+ORDER BY b.customer_id, c.position;
 
 -- name: merge
 INSERT INTO customer_identifiers

@@ -51,8 +51,10 @@ FOLLOW_CHECKPOINT_MB = 1024
 #: Following, checkpoint a WAL of 64 MB or more once no batch came for this long.
 IDLE_CHECKPOINT_SECONDS = 2.0
 #: Events per transaction when loading from the columnar copy (whole segments).
-COPY_BATCH = 1_000_000
+COPY_BATCH = 2_000_000
 _HAS_MERGES = "SELECT count(*) FROM batch_events WHERE type = 'customers_merged'"
+#: Wrapped keys read from the store per query while decrypting.
+_KEY_CHUNK = 20_000
 _FORGOTTEN = "SELECT DISTINCT customer_id FROM batch_events WHERE type = 'customer_forgotten'"
 
 
@@ -238,6 +240,7 @@ class ProjectionRunner:
                 # A cache of the log, valid whether or not this transaction commits.
                 copy.write(con, "batch_events", after + 1, last, sealed[-1][1])
             self._apply_batch(after, last)
+            _x(con, "DROP TABLE batch_events")
             _x(con, "COMMIT")
         except BaseException:
             _x(con, "ROLLBACK")
@@ -256,10 +259,13 @@ class ProjectionRunner:
         con = self.con
         _x(con, "BEGIN")
         try:
+            files = ", ".join("'" + str(s.path).replace("'", "''") + "'" for s in segments)
             _x(
                 con,
-                sql("events", "from_copy"),
-                {"files": [str(s.path) for s in segments], "after": after, "upto": last},
+                sql("events", "from_copy")
+                .replace("$files", f"[{files}]")
+                .replace("$after", str(int(after)))
+                .replace("$upto", str(int(last))),
             )
             found = _x(con, "SELECT count(*), min(position), max(position) FROM batch_events")[0]
             if tuple(found) != (last - after, after + 1, last):
@@ -269,6 +275,7 @@ class ProjectionRunner:
                     "or run with --no-columnar"
                 )
             self._apply_batch(after, last)
+            _x(con, "DROP VIEW batch_events")
             _x(con, "COMMIT")
         except BaseException:
             _x(con, "ROLLBACK")
@@ -284,10 +291,11 @@ class ProjectionRunner:
     def _apply_batch(self, after: int, last: int) -> None:
         """Fold ``batch_events`` (positions ``after``+1..``last``) into every table.
 
-        The Python steps (decrypting identifiers, folding lifecycle stages) run in a
-        worker thread while this thread has DuckDB load ``events`` and merge the
-        customer facts (DuckDB releases the GIL while it works): both read only inputs
-        fetched before the worker starts, and their results are written after it ends.
+        The Python steps (folding lifecycle stages, decrypting identifiers) run in
+        worker threads while this thread has DuckDB pick the identifiers, load
+        ``events`` and merge the customer facts (DuckDB releases the GIL while it
+        works): they read only inputs fetched before they start, and their results are
+        written after they end.
         """
         con = self.con
         _x(con, "CREATE OR REPLACE TEMP TABLE recompute (customer_id VARCHAR)")
@@ -305,10 +313,12 @@ class ProjectionRunner:
         forgotten = [c for (c,) in _x(con, _FORGOTTEN)]
         if forgotten:
             _x(con, sql("identifiers", "erase"), {"after": after})
-        candidates = self._identifier_candidates(forgotten)
         inputs = self._lifecycle_inputs(after)
-        worker = _Worker(lambda: (self._decrypt(candidates), self._fold(after, inputs)))
+        folding = _Worker(lambda: self._fold(after, inputs))
+        decrypting: _Worker | None = None
         try:
+            candidates = self._identifier_candidates(forgotten)
+            decrypting = _Worker(lambda: self._decrypt(candidates))
             if not merged:
                 _x(con, sql("events", "load"))
             _x(con, sql("customer_360", "batch"))
@@ -317,7 +327,11 @@ class ProjectionRunner:
                 _x(con, sql("customer_360", "refresh"))
                 _x(con, sql("customer_360", "insert"))
         finally:
-            decrypted, folded = worker.result()
+            try:
+                folded = folding.result()
+            finally:
+                if decrypting is not None:
+                    decrypted = decrypting.result()
         self._identifiers_finish(decrypted)
         changes = self._lifecycle_finish(folded, inputs.seq)
         _x(con, sql("customer_360", "refresh_affected"))
@@ -344,26 +358,38 @@ class ProjectionRunner:
         _x(con, sql("identifiers", "candidates"))
         return con.sql(sql("identifiers", "pick")).to_arrow_table()
 
-    def _decrypt(self, found: pa.Table, ciphers: dict[str, Any] | None = None) -> _Decrypted:
-        """Decrypt the picked events (pure Python and the key store: runs in the worker)."""
+    def _decrypt(self, found: pa.Table) -> _Decrypted:
+        """Decrypt the picked events (pure Python and the key store: runs in a worker).
+
+        The rows come grouped by stream: each stream's key is unwrapped when its rows
+        start and not kept after them (an AESGCM object holds ~2.4 KB of native memory;
+        a rebuild batch may touch a million customers). Wrapped keys are read in chunks.
+        """
         keys = self.ledger.keys
-        out = _Decrypted([], [], [], [], {} if ciphers is None else ciphers)
+        out = _Decrypted([], [], [], [])
         if not found.num_rows:
             return out
-        ciphers = out.ciphers
         cols = [found.column(i).to_pylist() for i in range(found.num_columns)]
-        streams = [c for c in set(cols[1]) if c not in ciphers]
-        for customer in streams:
-            ciphers[customer] = keys.cached(customer)
-        missing = [c for c in streams if ciphers[c] is None]
-        wrapped = self.ledger.store.read_wrapped_keys(missing) if missing else {}
-        for customer in missing:
-            blob = wrapped.get(customer)
-            ciphers[customer] = None if blob is None else keys.load(customer, blob)
+        order = list(dict.fromkeys(cols[1]))
+        chunk: dict[str, bytes] = {}
+        requested: set[str] = set()
+        next_chunk = 0
+        current: str | None = None
+        cipher: Any = None
         out_pos, out_field, out_value, failed = out.positions, out.fields, out.values, out.failed
         loads, nonce = orjson.loads, kr.NONCE
         for position, stream, sealed, aad, fields, customer in zip(*cols, strict=True):
-            cipher = ciphers[stream]
+            if stream != current:
+                current = stream
+                cipher = keys.cached(stream)
+                if cipher is None:
+                    if stream not in requested:  # streams come in `order`: the next chunk
+                        wanted = order[next_chunk : next_chunk + _KEY_CHUNK]
+                        next_chunk += _KEY_CHUNK
+                        requested = set(wanted)
+                        chunk = self.ledger.store.read_wrapped_keys(wanted)
+                    blob = chunk.get(stream)
+                    cipher = None if blob is None else keys.load(stream, blob)
             ids: Any = None
             if cipher is not None:
                 try:
@@ -414,9 +440,7 @@ class ProjectionRunner:
             _x(con, "DELETE FROM id_failed; INSERT INTO id_failed SELECT * FROM id_failed_in")
             con.unregister("id_failed_in")
             _x(con, sql("identifiers", "retry"))
-            again = self._decrypt(
-                con.sql(sql("identifiers", "pick")).to_arrow_table(), decrypted.ciphers
-            )
+            again = self._decrypt(con.sql(sql("identifiers", "pick")).to_arrow_table())
             decrypted.positions.extend(again.positions)
             decrypted.fields.extend(again.fields)
             decrypted.values.extend(again.values)
@@ -789,7 +813,6 @@ class _Decrypted(NamedTuple):
     fields: list[str]
     values: list[str]
     failed: list[tuple[str, str, int]]
-    ciphers: dict[str, Any]
 
 
 class _LifecycleInputs(NamedTuple):
