@@ -124,6 +124,11 @@ def test_stored_form_is_canonical_and_personal_data_sealed(
     assert opened.identifiers == {"email": "sealed@example.com", "phone": "+4915112345678"}
     assert opened.payload["text"] == "hello"
     assert not opened.sealed_personal and not opened.erased
+    # Free text without identifiers says so ([]); an event with nothing personal has neither.
+    ledger.append([make_event("cus_t", "chat_message"), make_event("cus_t", "email_opened")])
+    chat, opened_mail = (orjson.loads(r.state)["event"] for r in ledger.read_raw(1))
+    assert chat["identifier_fields"] == [] and "personal" in chat
+    assert "identifier_fields" not in opened_mail and "personal" not in opened_mail
 
 
 def test_late_and_out_of_order_events_land_in_event_time_order(
@@ -294,3 +299,19 @@ def test_sqlite_wal_is_checkpointed_in_the_background(
             time.sleep(0.05)
         assert db.stat().st_size >= 500_000
         assert ledger.verify().ok
+
+
+def test_keyring_unwrap_is_uncached_and_refuses_a_wrong_master_key() -> None:
+    from ledger.keyring import KeyError_, Keyring
+
+    ring = Keyring(bytes(32))
+    wrapped, cipher = ring.new_wrapped_key("cus_k")
+    ring.drop("cus_k")
+    fresh = ring.unwrap("cus_k", wrapped)
+    nonce = bytes(12)
+    assert fresh.decrypt(nonce, cipher.encrypt(nonce, b"secret", b"ad"), b"ad") == b"secret"
+    assert ring.cached("cus_k") is None  # bulk readers use each key once: no LRU entry
+    with pytest.raises(KeyError_, match="master key"):
+        Keyring(bytes([1]) * 32).unwrap("cus_k", wrapped)
+    with pytest.raises(KeyError_):
+        ring.unwrap("cus_other", wrapped)  # a wrapped key is bound to its customer

@@ -94,6 +94,13 @@ class Keyring:
         if hit is not None and hit[0] == wrapped:
             self._cache.move_to_end(customer_id)
             return hit[1]
+        cipher = self.unwrap(customer_id, wrapped)
+        self._remember(customer_id, bytes(wrapped), cipher)
+        return cipher
+
+    def unwrap(self, customer_id: str, wrapped: bytes) -> AESGCM:
+        """The customer's cipher, not cached: for bulk readers that use each key once (a
+        projection rebuild), where the LRU's bookkeeping would cost more than the unwrap."""
         try:
             key = self._master.decrypt(
                 wrapped[:NONCE], wrapped[NONCE:], b"ledger-key:" + customer_id.encode()
@@ -103,9 +110,7 @@ class Keyring:
                 "the master key does not unwrap this ledger's data keys: LEDGER_MASTER_KEY or "
                 "master.key is not the key the ledger was written with"
             ) from None
-        cipher = AESGCM(key)
-        self._remember(customer_id, bytes(wrapped), cipher)
-        return cipher
+        return AESGCM(key)
 
     def cached(self, customer_id: str) -> AESGCM | None:
         hit = self._cache.get(customer_id)

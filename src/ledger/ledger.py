@@ -707,10 +707,11 @@ def _split_personal(event: Event) -> tuple[dict[str, Any], dict[str, Any]]:
         clear["payload"] = payload
     if extra:
         personal["extra"] = extra
-    if identifiers:
-        # Which identifiers the ciphertext holds (names, never values): a projection needs
-        # only the latest value of each, so it decrypts one event per field, not every one.
-        clear["identifier_fields"] = sorted(identifiers)
+    if personal:
+        # Which identifiers the ciphertext holds (names, never values; [] for free text
+        # only): a projection needs only the latest value of each, so it decrypts one
+        # event per field, not every one, and none of the events without identifiers.
+        clear["identifier_fields"] = sorted(identifiers) if identifiers else []
     clear.setdefault("schema_version", 1)
     return clear, personal
 
