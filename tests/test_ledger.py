@@ -315,3 +315,41 @@ def test_keyring_unwrap_is_uncached_and_refuses_a_wrong_master_key() -> None:
         Keyring(bytes([1]) * 32).unwrap("cus_k", wrapped)
     with pytest.raises(KeyError_):
         ring.unwrap("cus_other", wrapped)  # a wrapped key is bound to its customer
+
+
+def test_append_commits_what_also_writes_with_the_events_or_neither(
+    settings: Settings, make_event: MakeEvent
+) -> None:
+    """The collector's identity graph rides in the append's transaction: both or nothing."""
+    marker = "%s" if settings.store_url else "?"
+
+    def side_rows(ledger: Ledger) -> list[str]:
+        with ledger.store.write() as session:
+            cur = session.connection.cursor()
+            cur.execute("SELECT note FROM side_notes ORDER BY note")
+            # eventsourcing's PostgreSQL connections return dict rows.
+            return [r["note"] if isinstance(r, dict) else r[0] for r in cur.fetchall()]
+
+    with Ledger.open(settings) as ledger:
+        with ledger.store.write() as session:
+            session.connection.cursor().execute("CREATE TABLE side_notes (note TEXT)")
+
+        def note(text: str) -> Callable[[Any], None]:
+            def write(connection: Any) -> None:
+                connection.cursor().execute(f"INSERT INTO side_notes VALUES ({marker})", (text,))
+
+            return write
+
+        def fail(connection: Any) -> None:
+            note("never")(connection)
+            raise RuntimeError("the graph step failed")
+
+        first = make_event("cus_g", "page_viewed")
+        assert ledger.append_valid(ledger.validate([first])[0], also=note("one")).accepted == 1
+        with pytest.raises(RuntimeError, match="graph step"):
+            ledger.append_valid(ledger.validate([make_event("cus_g", "page_viewed")])[0], also=fail)
+        assert ledger.position == 1 and side_rows(ledger) == ["one"]
+        # A batch of repeats still runs `also` (a retried request may carry new links).
+        again = ledger.append_valid(ledger.validate([first])[0], also=note("two"))
+        assert (again.accepted, again.duplicates) == (0, 1)
+        assert side_rows(ledger) == ["one", "two"]

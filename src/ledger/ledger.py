@@ -280,9 +280,19 @@ class Ledger:
         return result
 
     def append_valid(
-        self, events: Sequence[Event], *, tracking: Sequence[Tracking] = ()
+        self,
+        events: Sequence[Event],
+        *,
+        tracking: Sequence[Tracking] = (),
+        also: Callable[[Any], None] | None = None,
     ) -> AppendResult:
-        """Append already-validated events (one transaction)."""
+        """Append already-validated events (one transaction).
+
+        ``also``, if given, is called with the transaction's DB-API connection after the
+        events are written and before the commit, so what it writes commits with them or
+        not at all (the collector's identity graph). It may be called more than once when
+        a busy database makes the append retry: each call is in a fresh transaction.
+        """
         in_batch_repeats = 0
         unique: dict[bytes, tuple[Event, dict[str, Any], dict[str, Any]]] = {}
         for event in events:
@@ -291,7 +301,7 @@ class Ledger:
                 in_batch_repeats += 1
             else:
                 unique[key] = (event, *_split_personal(event))
-        if not unique and not tracking:
+        if not unique and not tracking and also is None:
             return AppendResult(duplicates=in_batch_repeats)
         for attempt in range(5):
             # A fresh result per attempt: a rolled-back attempt must not leave counts behind.
@@ -299,6 +309,8 @@ class Ledger:
             try:
                 with self.store.write() as session:
                     self._append_locked(session, unique, result, tracking)
+                    if also is not None:
+                        also(session.connection)
                 return result
             except IntegrityError as exc:
                 if tracking:

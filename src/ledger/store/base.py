@@ -48,6 +48,15 @@ class Head(NamedTuple):
 class WriteSession(abc.ABC):
     """Primitives available while holding the writer lock, inside one transaction."""
 
+    #: The DB-API cursor the session writes through (sqlite3 or psycopg).
+    cur: Any
+
+    @property
+    def connection(self) -> Any:
+        """The DB-API connection of this transaction: rows a caller writes through it
+        commit (or roll back) together with the events (see ``Ledger.append_valid``)."""
+        return self.cur.connection
+
     @abc.abstractmethod
     def existing_event_ids(self, event_ids: Sequence[bytes]) -> set[bytes]: ...
 
