@@ -85,6 +85,34 @@ def test_a_worker_that_lost_the_race_refilters_and_appends_only_the_rest(
         ]
 
 
+def test_the_next_batch_is_validated_while_the_previous_one_is_still_being_appended(
+    settings: Settings,
+) -> None:
+    """The worker prepares batch N+1 during N's append: N+1 continues after N's offsets
+    (no false hole sent to the broker probe), and what N holds is not taken again."""
+    probed: list[tuple[int, int]] = []
+
+    def probe(partition: int, offset: int) -> int | None:
+        probed.append((partition, offset))
+        return offset
+
+    with Ledger.open(settings) as ledger:
+        proc = IngestProcessor(ledger, TOPIC, probe=probe)
+        messages = _messages(0, 0, _valid(7))
+        first = proc.prepare(messages[:4])
+        second = proc.prepare(messages[2:], after=first.last_offsets)
+        assert probed == [] and proc.take_seeks() == {}
+        assert second.skipped == 2 and len(second.valid) == 3
+        assert second.last_offsets == {0: 6}
+        assert proc.commit(first, messages[:4]) == (4, 0)
+        assert proc.commit(second, messages[2:]) == (3, 0)
+        assert ledger.position == 7
+        assert ledger.store.tracking_position(tracking_name(TOPIC, 0)) == 6
+        assert [e.event_id for e in ledger.read()] == [
+            orjson.loads(m.value or b"")["event_id"] for m in messages
+        ]
+
+
 def test_duplicate_event_ids_on_other_offsets_are_stored_once(settings: Settings) -> None:
     with Ledger.open(settings) as ledger:
         proc = IngestProcessor(ledger, TOPIC)
