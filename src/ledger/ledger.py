@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from hashlib import sha256
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -645,6 +647,42 @@ class Ledger:
         if checkpoint:
             checkpoint()
         return existed
+
+    def backup(self, destination: Path, *, verify: bool = True) -> VerifyReport | None:
+        """Copy the ledger to a new file ``destination`` while it keeps taking appends, then
+        (``verify``) recompute every chain of the copy and return that report.
+
+        The copy holds the wrapped data keys: a customer forgotten later stays readable in
+        it (with the master key) until the copy is destroyed, so keep backups on a schedule
+        that expires them. PostgreSQL ledgers are backed up by PostgreSQL's tools.
+        """
+        destination = Path(destination)
+        if destination.exists():
+            raise LedgerError(f"{destination} exists; a backup never overwrites a file")
+        if not destination.parent.is_dir():
+            raise LedgerError(f"{destination.parent} is not a directory")
+        try:
+            self.store.backup(destination)
+        except NotImplementedError as exc:
+            raise LedgerError(
+                f"{exc}: use pg_dump or your database's snapshots for a PostgreSQL ledger"
+            ) from None
+        except (OSError, sqlite3.Error) as exc:
+            destination.unlink(missing_ok=True)
+            raise LedgerError(f"backup to {destination} failed: {exc}") from None
+        return self.verify_copy(destination) if verify else None
+
+    def verify_copy(
+        self, path: Path, on_progress: Callable[[int, int], None] | None = None
+    ) -> VerifyReport:
+        """:meth:`verify` of a SQLite copy of a ledger (a backup) at ``path``."""
+        from ledger.store.sqlite import SQLiteStore
+
+        copy = SQLiteStore(Path(path))
+        try:
+            return Ledger(copy, self.keys).verify(on_progress)
+        finally:
+            copy.close()
 
     def stats(self) -> LedgerStats:
         by_type = self.store.counts_by_type()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+import time
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -369,6 +370,62 @@ def forget(
     console.print("; ".join(said))
 
 
+# --------------------------------------------------------------------------- backup
+
+
+def backup(
+    destination: Annotated[
+        Path, typer.Argument(help="The backup file to create (it must not exist yet).")
+    ],
+    verify: Annotated[
+        bool, typer.Option(help="Recompute every hash chain of the copy afterwards.")
+    ] = True,
+) -> None:
+    """Copy the embedded ledger to a new file while it keeps taking appends.
+
+    The copy is one consistent snapshot (SQLite's online backup), created with mode 0600,
+    then verified like `ledger verify` and its anchor printed. It holds personal data
+    encrypted and the wrapped data keys, not the master key: keep LEDGER_MASTER_KEY (or
+    master.key) backed up separately, or the copy's personal data can never be read. A
+    customer forgotten after the backup stays readable in it until the copy is destroyed:
+    expire backups on a schedule. To restore, stop writers and put the file in place of
+    $LEDGER_HOME/ledger.db. A PostgreSQL ledger is backed up with PostgreSQL's tools."""
+    settings = Settings()
+    if settings.store_url:
+        fail(
+            "LEDGER_STORE_URL names a PostgreSQL ledger: back it up with PostgreSQL's tools "
+            "(pg_dump, base backups, your provider's snapshots)"
+        )
+    started = time.perf_counter()
+    with _open(settings) as ledger:
+        with err_console.status(f"backing up {ledger.store.location} ..."):
+            report = ledger.backup(destination, verify=False)
+        size = destination.stat().st_size
+        console.print(
+            f"backed up to {destination} ({_human_bytes(size)}) in "
+            f"{time.perf_counter() - started:,.1f} s",
+            highlight=False,
+        )
+        if verify:
+            with progress() as bar:
+                task = bar.add_task("verify the copy", total=None)
+                report = ledger.verify_copy(
+                    destination, lambda done, total: bar.update(task, completed=done, total=total)
+                )
+    if report is None:
+        return
+    if not report.ok:
+        fail(
+            f"the copy at {destination} does not verify ({len(report.problems)} problem(s)); "
+            "run `ledger verify` on the ledger itself"
+        )
+    console.print(
+        f"[green]OK[/]: the copy's {report.events:,} events in {report.customers:,} chains verify"
+    )
+    if report.anchor is not None:
+        console.print(f"anchor: {report.anchor}", highlight=False, soft_wrap=True)
+
+
 # --------------------------------------------------------------------------- stats
 
 
@@ -460,5 +517,6 @@ def register(app: typer.Typer) -> None:
     app.command()(history)
     app.command()(verify)
     app.command()(forget)
+    app.command()(backup)
     app.command()(stats)
     app.add_typer(schemas_app, name="schemas")

@@ -25,6 +25,7 @@ import abc
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from eventsourcing.persistence import PersistenceError, Tracking
@@ -135,6 +136,12 @@ class EventStore(abc.ABC):
     @abc.abstractmethod
     def size_bytes(self) -> dict[str, int]:
         """Storage used, by file or relation name."""
+
+    def backup(self, destination: Path) -> None:
+        """Write a consistent copy of the ledger to ``destination`` while appends go on."""
+        raise NotImplementedError(
+            f"the ledger at {self.location} is backed up by its database's own tools"
+        )
 
     @abc.abstractmethod
     def close(self) -> None: ...
