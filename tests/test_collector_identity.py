@@ -28,6 +28,7 @@ from ledger.collector.identity import (
     identity_key,
     parse_limits,
 )
+from ledger.collector.intake import LedgerSink
 from ledger.collector.touch import Touch
 from ledger.ledger import Ledger, LedgerError
 from ledger.settings import Settings
@@ -439,3 +440,50 @@ def test_the_graphs_connection_leaves_wal_checkpoints_to_the_ledger(tmp_path: Pa
             assert db.query("PRAGMA synchronous") == [(1,)]  # NORMAL: the ledger fsyncs
         finally:
             db.close()
+
+
+def test_graph_changes_commit_inside_the_ledgers_append_or_not_at_all(
+    settings: Settings,
+) -> None:
+    """Embedded mode: the graph's rows are written through the append's own transaction
+    (SQLite and PostgreSQL), so a failed append leaves neither events nor links."""
+    g = Graph(settings.home, store_url=settings.store_url)
+    sink = LedgerSink(g.ledger)
+    try:
+        messages = [identify(user="u-tx", anon="anon-tx", email="tx@x.example")]
+
+        def touches() -> list[Touch]:
+            return [
+                segment.map_message({"messageId": "m-tx", **m}, source="site", received_at=NOW)
+                for m in messages
+            ]
+
+        first = touches()
+        derived = g.resolver.resolve(first)
+        pending = g.resolver.take()
+        write = g.resolver.writer(pending)
+
+        def broken(connection: Any) -> None:
+            write(connection)  # the graph rows are in the transaction...
+            raise RuntimeError("the append failed after the graph step")
+
+        with pytest.raises(RuntimeError, match="append failed"):
+            sink.write([t.event for t in first] + derived, also=broken)
+        g.resolver.rollback()
+        assert g.ledger.position == 0  # ...and go with it
+        assert g.db.query("SELECT COUNT(*) FROM collector_identifiers") == [(0,)]
+        assert g.db.query("SELECT COUNT(*) FROM collector_customers") == [(0,)]
+
+        again = touches()  # the client's retry resolves the same way and commits both
+        derived = g.resolver.resolve(again)
+        assert (
+            sink.write(
+                [t.event for t in again] + derived, also=g.resolver.writer(g.resolver.take())
+            )
+            == {}
+        )
+        assert again[0].event["customer_id"] == first[0].event["customer_id"]
+        assert g.ledger.position == 1
+        assert g.db.query("SELECT COUNT(*) FROM collector_identifiers") == [(3,)]
+    finally:
+        g.close()

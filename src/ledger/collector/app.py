@@ -130,11 +130,12 @@ def open_collector(settings: Settings, limits: dict[str, int] | None = None) -> 
     Claims the ledger for this collector first: the identity graph is resolved by one
     writer, so a second collector on the same ledger is refused.
     """
-    # The graph's connection skips the fsync per commit: the events are the ledger's, synced
-    # by it; a graph that lost its last commit to a power cut mostly heals (the same
-    # identifiers mint the same ids; a lost link comes back as a merge when its identifiers
-    # are next seen together), and a second fsync per group costs more than the rest of
-    # the graph's work.
+    # The graph's own connection reads the graph; its changes ride in the ledger's append
+    # transaction (embedded mode: they commit with their events, synced by the ledger, or
+    # not at all). In the distributed mode it commits them after the broker's ack, without
+    # an fsync of its own: a graph that lost its last commit to a power cut mostly heals
+    # (the same identifiers mint the same ids; a lost link comes back as a merge when its
+    # identifiers are next seen together).
     db = CollectorDB(settings, durable=False)
     closers: list[Callable[[], None]] = [db.close]
     try:

@@ -28,10 +28,12 @@ social_handle, anonymous_id):
    touch stays with its customer. So a shared office phone cannot fuse people
    who have user ids, and people without them at most ``limits["email"]`` deep.
 
-The resolver keeps its changes pending until the ledger has committed the
-events that depend on them, then writes them in one transaction; if the append
-fails they are dropped, and a retried request resolves the same way again. The
-graph is cached in memory: run one collector process per ledger.
+The resolver keeps its changes pending until they can be written with the
+events that depend on them: inside the ledger's append transaction in the
+embedded mode (``writer``: both commit, or neither), in a transaction of their
+own after the broker's acknowledgement in the distributed one (``commit``). If
+the append fails they are dropped, and a retried request resolves the same way
+again. The graph is cached in memory: run one collector process per ledger.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import sqlite3
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -515,27 +518,64 @@ class GraphResolver:
             "schema_version": 1,
         }
 
-    def commit(self) -> None:
+    def take(self) -> _Pending:
+        """The graph changes resolved since the last take (or commit), to write later."""
         pending, self._pending = self._pending, _Pending()
+        return pending
+
+    def commit(self, pending: _Pending | None = None) -> None:
+        """Write ``pending`` (by default everything resolved so far) in a transaction of
+        the collector's own connection (when the sink has no transaction to join)."""
+        if pending is None:
+            pending = self.take()
         if not pending.sql:
             return
-        # Inserts commute with each other, so each kind goes as one executemany (a batch of
-        # new visitors is two calls); an update (a merge) must see every insert before it.
         with self.db.transaction():
-            buckets: dict[str, list[tuple[Any, ...]]] = {}
-            for sql, params in pending.sql:
-                if sql.startswith("INSERT"):
-                    buckets.setdefault(sql, []).append(params)
-                    continue
-                for insert, rows in buckets.items():
-                    self.db.executemany(insert, rows)
-                buckets.clear()
-                self.db.execute(sql, params)
-            for insert, rows in buckets.items():
-                self.db.executemany(insert, rows)
+            _apply(pending, self.db.execute, self.db.executemany)
+
+    def writer(self, pending: _Pending) -> Callable[[Any], None]:
+        """Writes ``pending`` through another transaction's DB-API connection: the ledger's
+        append, so the graph changes commit with their events or not at all. Re-runnable
+        (a busy database makes the append retry in a fresh transaction)."""
+
+        def write(connection: Any) -> None:
+            if not pending.sql:
+                return
+            cur = connection.cursor()
+            postgres = not isinstance(connection, sqlite3.Connection)
+
+            def execute(sql: str, params: Sequence[Any] = ()) -> None:
+                cur.execute(sql.replace("?", "%s") if postgres else sql, tuple(params))
+
+            def executemany(sql: str, rows: Sequence[Sequence[Any]]) -> None:
+                cur.executemany(sql.replace("?", "%s") if postgres else sql, rows)
+
+            _apply(pending, execute, executemany)
+
+        return write
 
     def rollback(self) -> None:
         self._reset()
+
+
+def _apply(
+    pending: _Pending,
+    execute: Callable[[str, Sequence[Any]], Any],
+    executemany: Callable[[str, Sequence[Sequence[Any]]], Any],
+) -> None:
+    # Inserts commute with each other, so each kind goes as one executemany (a batch of
+    # new visitors is two calls); an update (a merge) must see every insert before it.
+    buckets: dict[str, list[tuple[Any, ...]]] = {}
+    for sql, params in pending.sql:
+        if sql.startswith("INSERT"):
+            buckets.setdefault(sql, []).append(params)
+            continue
+        for insert, rows in buckets.items():
+            executemany(insert, rows)
+        buckets.clear()
+        execute(sql, params)
+    for insert, rows in buckets.items():
+        executemany(insert, rows)
 
 
 # --------------------------------------------------------------------------- reading

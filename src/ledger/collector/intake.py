@@ -3,9 +3,10 @@
 Requests hand their touches to :class:`Intake` and wait for the future it
 returns; one thread takes every waiting request at once (up to
 ``max_events``), resolves customers, writes them to the sink — one
-``Ledger.append`` transaction, or (distributed mode) the touchpoints topic
-until the broker acknowledged every event — and only then completes the
-futures, so an HTTP 2xx always follows a commit or an acknowledgement.
+``Ledger.append`` transaction that also holds the identity graph's changes, or
+(distributed mode) the touchpoints topic until the broker acknowledged every
+event, then the graph's own transaction — and only then completes the futures,
+so an HTTP 2xx always follows a commit or an acknowledgement.
 Grouping is what makes many small concurrent requests cheap: the fixed cost
 of a transaction (lock, fsync) is paid once per group, not per request.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,21 +33,34 @@ from ledger.publisher import Publisher, to_envelope
 class Sink(Protocol):
     """Where accepted events go: the embedded ledger, or Kafka in the distributed mode."""
 
-    def write(self, events: list[dict[str, Any]]) -> dict[int, list[str]]:
-        """Store durably (or raise); return {index: problems} of events the contract rejected."""
+    #: Whether :meth:`write` runs ``also`` inside its own transaction (else None is passed).
+    transactional: bool
+
+    def write(
+        self, events: list[dict[str, Any]], also: Callable[[Any], None] | None = None
+    ) -> dict[int, list[str]]:
+        """Store durably (or raise); return {index: problems} of events the contract rejected.
+
+        ``also``: called with the transaction's DB-API connection before it commits."""
 
     def close(self) -> None: ...
 
 
 class LedgerSink:
-    """``Ledger.append``: one transaction, committed before this returns."""
+    """``Ledger.append``: one transaction, committed before this returns; the identity
+    graph's changes ride in it."""
+
+    transactional = True
 
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
 
-    def write(self, events: list[dict[str, Any]]) -> dict[int, list[str]]:
-        result = self.ledger.append(events)
-        return {r.index: r.problems for r in result.rejected}
+    def write(
+        self, events: list[dict[str, Any]], also: Callable[[Any], None] | None = None
+    ) -> dict[int, list[str]]:
+        valid, rejected = self.ledger.validate(events)
+        self.ledger.append_valid(valid, also=also)
+        return {r.index: r.problems for r in rejected}
 
     def close(self) -> None:
         self.ledger.close()
@@ -54,10 +69,14 @@ class LedgerSink:
 class KafkaSink:
     """The touchpoints topic through the SDK; returns once the broker acknowledged all."""
 
+    transactional = False
+
     def __init__(self, publisher: Publisher):
         self.publisher = publisher
 
-    def write(self, events: list[dict[str, Any]]) -> dict[int, list[str]]:
+    def write(
+        self, events: list[dict[str, Any]], also: Callable[[Any], None] | None = None
+    ) -> dict[int, list[str]]:
         rejected: dict[int, list[str]] = {}
         for index, event in enumerate(events):
             try:
@@ -79,8 +98,14 @@ class Resolver(Protocol):
     def resolve(self, touches: list[Touch]) -> list[dict[str, Any]]:
         """Set each touch's customer_id; return derived events (merges) to append with them."""
 
-    def commit(self) -> None:
-        """Make the resolutions durable (called after the ledger committed)."""
+    def take(self) -> Any:
+        """The changes resolved since the last take, for :meth:`writer` or :meth:`commit`."""
+
+    def writer(self, pending: Any) -> Callable[[Any], None]:
+        """A function writing ``pending`` through a transaction's DB-API connection."""
+
+    def commit(self, pending: Any = None) -> None:
+        """Make ``pending`` durable in a transaction of its own (after a broker's ack)."""
 
     def rollback(self) -> None:
         """Forget the resolutions of a failed append."""
@@ -172,8 +197,13 @@ class Intake:
         touches = [t for job in jobs for _, t in job.touches]
         try:
             derived = self.resolver.resolve(touches)
-            failed = self.sink.write([t.event for t in touches] + derived)
-            self.resolver.commit()
+            events = [t.event for t in touches] + derived
+            pending = self.resolver.take()
+            if self.sink.transactional:  # the graph commits with its events, or neither
+                failed = self.sink.write(events, also=self.resolver.writer(pending))
+            else:
+                failed = self.sink.write(events)
+                self.resolver.commit(pending)
         except Exception as exc:
             self.resolver.rollback()
             if len(jobs) > 1:
