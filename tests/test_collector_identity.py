@@ -24,6 +24,7 @@ from ledger.collector.db import WAL_FALLBACK_PAGES, CollectorDB
 from ledger.collector.identity import (
     GraphResolver,
     Pseudonyms,
+    StaleGraph,
     forget_identities,
     identity_key,
     parse_limits,
@@ -486,4 +487,40 @@ def test_graph_changes_commit_inside_the_ledgers_append_or_not_at_all(
         assert g.ledger.position == 1
         assert g.db.query("SELECT COUNT(*) FROM collector_identifiers") == [(3,)]
     finally:
+        g.close()
+
+
+def test_a_forget_between_resolving_and_appending_makes_the_group_resolve_again(
+    settings: Settings,
+) -> None:
+    """`ledger forget` in another process while a group is in flight: its append refuses
+    (nothing stored, nothing linked), and resolved again the touch is someone new."""
+    g = Graph(settings.home, store_url=settings.store_url)
+    sink = LedgerSink(g.ledger)
+    other = CollectorDB(g.settings)
+    try:
+        (person,) = g.send(identify(user="u-race", email="race@x.example"))
+        before = g.ledger.position
+        late = [
+            segment.map_message(
+                {"messageId": "m-race", **identify(anon="anon-race", email="race@x.example")},
+                source="site",
+                received_at=NOW,
+            )
+        ]
+        derived = g.resolver.resolve(late)
+        assert late[0].event["customer_id"] == person  # resolved from the cache...
+        assert forget_identities(other, person) == [person]  # ...then forgotten elsewhere
+        with pytest.raises(StaleGraph, match="resolving them again"):
+            sink.write([t.event for t in late] + derived, also=g.resolver.writer(g.resolver.take()))
+        assert g.ledger.position == before
+        g.resolver.rollback()
+        derived = g.resolver.resolve(late)
+        assert late[0].event["customer_id"] != person
+        sink.write([t.event for t in late] + derived, also=g.resolver.writer(g.resolver.take()))
+        assert g.ledger.position == before + 1
+        owners = g.db.query("SELECT DISTINCT customer_id FROM collector_identifiers")
+        assert owners == [(late[0].event["customer_id"],)]
+    finally:
+        other.close()
         g.close()

@@ -147,6 +147,10 @@ def parse_limits(items: Iterable[str]) -> dict[str, int]:
     return limits
 
 
+class StaleGraph(LedgerError):
+    """A customer was forgotten while a group was being resolved: resolve it again."""
+
+
 def _generation(db: CollectorDB) -> int:
     rows = db.query("SELECT value FROM collector_meta WHERE name = 'generation'")
     return int(rows[0][0]) if rows else 0
@@ -163,6 +167,10 @@ def forget_identities(db: CollectorDB, customer_id: str) -> list[str]:
     db.create(TABLES)
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     with db.transaction():
+        # The generation first: on PostgreSQL this waits for a collector's append that holds
+        # it (see GraphResolver.writer), so what that append linked is deleted here too.
+        if db.execute("UPDATE collector_meta SET value = value + 1 WHERE name = 'generation'") == 0:
+            db.execute("INSERT INTO collector_meta (name, value) VALUES ('generation', 1)")
         row = db.query(
             "SELECT merged_into FROM collector_customers WHERE customer_id = ?", [customer_id]
         )
@@ -188,8 +196,6 @@ def forget_identities(db: CollectorDB, customer_id: str) -> list[str]:
                 "DELETE FROM collector_refusals WHERE customer_id = ? OR other_customer = ?",
                 [member, member],
             )
-        if db.execute("UPDATE collector_meta SET value = value + 1 WHERE name = 'generation'") == 0:
-            db.execute("INSERT INTO collector_meta (name, value) VALUES ('generation', 1)")
     return group
 
 
@@ -256,6 +262,11 @@ class GraphResolver:
         #: Identifiers kept in memory (~200 B each) before the cache starts over from the tables.
         self.cache_limit = cache_limit
         db.create(TABLES)
+        with db.transaction():  # the row every append checks (and PostgreSQL locks)
+            db.execute(
+                "INSERT INTO collector_meta (name, value) VALUES ('generation', 0) "
+                "ON CONFLICT DO NOTHING"
+            )
         self._reset()
 
     def _reset(self) -> None:
@@ -538,11 +549,26 @@ class GraphResolver:
         append, so the graph changes commit with their events or not at all. Re-runnable
         (a busy database makes the append retry in a fresh transaction)."""
 
+        generation = self._generation
+
         def write(connection: Any) -> None:
-            if not pending.sql:
-                return
             cur = connection.cursor()
             postgres = not isinstance(connection, sqlite3.Connection)
+            # A forget committed since this group was resolved (another process) means it
+            # may name the forgotten person: refuse, so the group is resolved again. On
+            # SQLite the append holds the write lock; on PostgreSQL the row lock orders this
+            # transaction and forget's (which bumps the generation first).
+            cur.execute(
+                "SELECT value FROM collector_meta WHERE name = 'generation'"
+                + (" FOR UPDATE" if postgres else "")
+            )
+            row = cur.fetchone()
+            value = 0 if row is None else int(row["value"] if isinstance(row, dict) else row[0])
+            if value != generation:
+                raise StaleGraph(
+                    "a customer was forgotten while these requests were resolved; "
+                    "resolving them again"
+                )
 
             def execute(sql: str, params: Sequence[Any] = ()) -> None:
                 cur.execute(sql.replace("?", "%s") if postgres else sql, tuple(params))

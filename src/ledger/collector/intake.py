@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ledger.collector.identity import StaleGraph
 from ledger.collector.touch import Touch
 from ledger.contract import ContractError
 from ledger.deadletter import DeadLetters
@@ -204,6 +205,12 @@ class Intake:
             else:
                 failed = self.sink.write(events)
                 self.resolver.commit(pending)
+        except StaleGraph:
+            # A forget elsewhere: start over from the tables (they now say who is gone) and
+            # resolve the same requests again.
+            self.resolver.rollback()
+            self._write(jobs)
+            return
         except Exception as exc:
             self.resolver.rollback()
             if len(jobs) > 1:
