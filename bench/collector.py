@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import gc
 import http.client
 import json
 import os
@@ -219,6 +220,7 @@ def run_baseline(work: Path, payloads: list[bytes]) -> dict[str, Any]:
     ``validate`` + ``append + graph``, in batches of 100, is the baseline; the other stages
     are what the collector adds per event (the HTTP layer aside).
     """
+    from ledger.cli.collector import GC_THRESHOLDS
     from ledger.collector import segment
     from ledger.collector.db import CollectorDB
     from ledger.collector.identity import GraphResolver, Pseudonyms, identity_key
@@ -227,6 +229,9 @@ def run_baseline(work: Path, payloads: list[bytes]) -> dict[str, Any]:
 
     settings = Settings(home=work / "baseline", master_key=MASTER_KEY)
     received = dt.datetime.now(dt.UTC)
+    # The garbage collector as `ledger serve` sets it, so the stages cost what they do there.
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     stages = dict.fromkeys(("parse", "map", "resolve", "validate", "append + graph"), 0.0)
     db = CollectorDB(settings, durable=False)  # as the collector opens it
     resolver = GraphResolver(db, Pseudonyms(identity_key(settings)))
