@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +13,7 @@ import pytest
 
 from ledger.ledger import Ledger, LedgerError
 from ledger.settings import Settings
+from test_cli import run  # the suite's CLI runner (COLUMNS wide: whole sentences per line)
 
 MakeEvent = Callable[..., dict[str, Any]]
 KEY = "b" * 64
@@ -59,25 +57,6 @@ def test_backup_during_appends_is_a_verified_prefix_that_restores(
         assert ledger.position == report.events
         assert ledger.verify(anchors=[report.anchor]).ok
         assert ledger.history("cus_3")[0].identifiers == {"email": "p3@x.io"}
-
-
-def run(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {
-        **os.environ,
-        "LEDGER_HOME": str(home),
-        "LEDGER_MASTER_KEY": KEY,
-        "COLUMNS": "300",  # one line per message: the assertions read whole sentences
-        **env,
-    }
-    if "LEDGER_STORE_URL" not in env:
-        environment.pop("LEDGER_STORE_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "ledger", *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=120,
-    )
 
 
 def test_backup_cli_prints_the_copy_anchor_and_refuses_clearly(
