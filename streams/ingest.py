@@ -4,12 +4,17 @@ Run it with ``ledger worker ingest`` (or ``faust -A streams.ingest worker --with
 from the project directory). Several may run in one consumer group; Kafka spreads
 the partitions over them.
 
+It is a faust app (group membership, rebalances, the producer for dead letters), but
+records do not go through a faust agent: the consumer hands each fetched batch of
+aiokafka records to :class:`BatchIngester`, which validates the next batch while the
+previous one is appended (see :meth:`LedgerSeekingConsumer._drain_messages`).
+
 Why it cannot lose or double anything, even when killed at any instant:
 
 * Each batch is appended in one ledger transaction together with a tracking row
   per partition, ``kafka:<topic>:<partition>`` = the last offset consumed. The
-  offsets the ledger holds are the truth; Kafka's committed offsets are not
-  consulted (faust still commits them, harmlessly).
+  offsets the ledger holds are the truth; Kafka's committed offsets are neither
+  consulted nor written (records bypass faust's acking, so it has none to commit).
 * On start and on every partition assignment, and whenever faust would seek to
   Kafka's committed offsets, the consumer seeks instead to the offset after the
   one stored in the ledger (:class:`LedgerSeekingConsumer`).
