@@ -13,8 +13,8 @@ Why it cannot lose or double anything, even when killed at any instant:
 
 * Each batch is appended in one ledger transaction together with a tracking row
   per partition, ``kafka:<topic>:<partition>`` = the last offset consumed. The
-  offsets the ledger holds are the truth; Kafka's committed offsets are neither
-  consulted nor written (records bypass faust's acking, so it has none to commit).
+  offsets the ledger holds are the truth; Kafka's committed offsets are not
+  consulted (records bypass faust's acking, which is what faust commits from).
 * On start and on every partition assignment, and whenever faust would seek to
   Kafka's committed offsets, the consumer seeks instead to the offset after the
   one stored in the ledger (:class:`LedgerSeekingConsumer`).
