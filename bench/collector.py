@@ -9,8 +9,11 @@ calls from 10 visitors each, so the identity graph links repeat visitors):
               loaded over loopback by a *separate* load-generating process
               holding ``--connections`` keep-alive connections; events/s over
               the whole run and p50/p99 request latency; the server's CPU time
-              per event during the load (user + system, all its threads: less
-              sensitive than events/s to other work on a shared machine);
+              per event during the load (user + system; all its threads, and
+              split into the main thread: HTTP, parsing, mapping; the writer:
+              resolving, validating, appending; the others: the ledger's WAL
+              checkpointer) — less sensitive than events/s to other work on a
+              shared machine;
               afterwards the ledger's event count must equal the count the
               server acknowledged;
 * baseline  - ``Ledger.append`` (validate, then append with the identity graph's
@@ -148,10 +151,24 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system, every thread) a process has used so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def process_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) a process has used so far, in total and per thread:
+    the main thread (HTTP, parsing, mapping), the collector's writer (resolve, validate,
+    append), the rest (the ledger's WAL checkpointer, ...). Linux only."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"total": 0.0, "main": 0.0, "writer": 0.0, "other": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name = (task / "comm").read_text().strip()
+        except OSError:  # a thread that just ended
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        part = "main" if task.name == str(pid) else "other"
+        part = "writer" if name == "collector-write" else part
+        out[part] += seconds
+        out["total"] += seconds
+    return out
 
 
 def run_collector(work: Path, payloads: list[bytes], connections: int) -> dict[str, Any]:
@@ -203,7 +220,8 @@ def run_collector(work: Path, payloads: list[bytes], connections: int) -> dict[s
             ],
             check=True,
         )
-        cpu = process_cpu(server.pid) - cpu_before
+        after = process_cpu(server.pid)
+        cpu = {k: after[k] - cpu_before.get(k, 0.0) for k in after}
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
@@ -300,10 +318,11 @@ def main() -> None:
                 f"  request latency          p50 {pct(lat, 0.50) * 1000:.1f} ms, "
                 f"p99 {pct(lat, 0.99) * 1000:.1f} ms, max {max(lat) * 1000:.1f} ms"
             )
-            per_event = run["server_cpu"] / max(run["acked"], 1) * 1e6
+            cpu = {k: v / max(run["acked"], 1) * 1e6 for k, v in run["server_cpu"].items()}
             print(
-                f"  server CPU               {per_event:.1f} µs per event (user + system, all "
-                f"threads): {1e6 / per_event:,.0f} events/s per core busy"
+                f"  server CPU               {cpu['total']:.1f} µs per event (user + system, all "
+                f"threads: {1e6 / cpu['total']:,.0f} events/s per core busy): main thread "
+                f"{cpu['main']:.1f}, writer {cpu['writer']:.1f}, other {cpu['other']:.1f}"
             )
             print(
                 f"  acknowledged / in ledger {run['acked']:,} / {run['in_ledger']:,} "
