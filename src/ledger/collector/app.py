@@ -9,8 +9,10 @@ Status codes, as Segment's HTTP API uses them:
 * 400 for a request that cannot be read: malformed JSON, a body over 500 KB,
   a message over 32 KB, a batch that is not a list. Nothing of it is stored.
 * 401 without a valid write key (basic-auth user name, or ``writeKey`` in the
-  body as Segment also accepts); 403 when the key's source may not write the
-  channel a message maps to (a web key cannot write call events).
+  body as Segment also accepts), or without the provider signature a source
+  requires (``unsigned``); 403 when the key's source may not write the channel a
+  message maps to (a web key cannot write call events), or when a signature does
+  not verify (``bad_signature``).
 * 503 when the ledger could not commit: nothing was acknowledged, retry.
 
 No request body, identifier or client address is logged (personal data); the

@@ -2,7 +2,10 @@
 
 Each provider authenticates like the Segment routes: the write key as the
 basic-auth user name, which both SendGrid and Twilio support by putting it in
-the webhook URL (``https://KEY:@collector.example/webhooks/sendgrid``).
+the webhook URL (``https://KEY:@collector.example/webhooks/sendgrid``). A source
+can also require the provider's own signature (SendGrid's Signed Event Webhook,
+Twilio's ``X-Twilio-Signature``; see :mod:`ledger.collector.signing`), checked
+on the body as received before it is parsed.
 
 SendGrid event webhook (a JSON array of events; ``sg_event_id`` is the idempotency key;
 ``message_id`` is ``sg_message_id`` up to ``.filter``, the X-Message-Id of the send):
