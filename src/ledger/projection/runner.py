@@ -51,7 +51,7 @@ FOLLOW_CHECKPOINT_MB = 1024
 #: Following, checkpoint a WAL of 64 MB or more once no batch came for this long.
 IDLE_CHECKPOINT_SECONDS = 2.0
 #: Events per transaction when loading from the columnar copy (whole segments).
-COPY_BATCH = 2_000_000
+COPY_BATCH = 1_000_000
 _HAS_MERGES = "SELECT count(*) FROM batch_events WHERE type = 'customers_merged'"
 #: Wrapped keys read from the store per query while decrypting.
 _KEY_CHUNK = 20_000
