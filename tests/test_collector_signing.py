@@ -331,6 +331,11 @@ def test_signing_config_is_listed_by_hint_stored_encrypted_and_can_be_cleared(
         assert failed.returncode == 1 and message in failed.stderr, failed.stderr
         assert "Traceback" not in failed.stderr
     assert cli(server.home, "signing", "twilio").returncode == 2  # nothing to change
+    helped = cli(server.home, "signing", "--help")
+    assert helped.returncode == 0
+    for option in ("--sendgrid-key", "--twilio-token", "--public-url", "--clear"):
+        assert option in helped.stdout
+    assert "signing" in cli(server.home, "--help").stdout
 
     cleared = cli(server.home, "signing", "twilio", "--clear", "twilio")
     assert cleared.returncode == 0 and "no longer required" in cleared.stdout
