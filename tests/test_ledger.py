@@ -353,3 +353,29 @@ def test_append_commits_what_also_writes_with_the_events_or_neither(
         again = ledger.append_valid(ledger.validate([first])[0], also=note("two"))
         assert (again.accepted, again.duplicates) == (0, 1)
         assert side_rows(ledger) == ["one", "two"]
+
+
+def test_ingest_tunes_the_garbage_collector_only_while_it_runs(
+    sqlite_settings: Settings, make_event: MakeEvent, tmp_path: Any
+) -> None:
+    import gc
+    import io
+
+    from ledger.deadletter import DeadLetters
+    from ledger.ingest import GC_THRESHOLDS, ingest_stream
+
+    lines = b"\n".join(orjson.dumps(make_event(f"cus_{n}", "page_viewed")) for n in range(30))
+    seen: list[tuple[int, int, int]] = []
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    with Ledger.open(sqlite_settings) as ledger, DeadLetters(tmp_path / "dead") as dead:
+        report = ingest_stream(
+            ledger,
+            io.BytesIO(lines),
+            source="mem",
+            fmt="jsonl",
+            dead_letters=dead,
+            batch_size=10,
+            on_batch=lambda _: seen.append(gc.get_threshold()),
+        )
+    assert report.accepted == 30 and seen and set(seen) == {GC_THRESHOLDS}
+    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen

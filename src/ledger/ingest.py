@@ -11,8 +11,10 @@ Batches still commit strictly in file order.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Literal
 
@@ -22,6 +24,9 @@ from ledger.ledger import AppendResult, Ledger
 from ledger.sources import Item, OversizedLine, read_csv, read_jsonl
 
 Format = Literal["jsonl", "csv"]
+#: Garbage-collector thresholds during an import (Python's defaults: 700, 10, 10), as the
+#: Kafka ingest worker and the collector use.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 @dataclass
@@ -75,10 +80,33 @@ def ingest_stream(
         settle()
         pending = writer.submit(ledger.append_valid, events)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer") as writer:
+    with (
+        _bulk_gc(),
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer") as writer,
+    ):
         _read_all(fh, fmt, report, batch, numbers, batch_size, dead_letters, source, flush)
         settle()
     return report
+
+
+@contextmanager
+def _bulk_gc() -> Iterator[None]:
+    """Rarer garbage collections while importing, restored afterwards.
+
+    An import allocates millions of short-lived dicts; at Python's default thresholds the
+    collector runs every 700 allocations and rescans every long-lived object each time
+    (CPU per event 41 -> 31 us in an A/B of 200k events, 2026-11-23)."""
+    before = gc.get_threshold()
+    ours = gc.get_freeze_count() == 0  # a process that froze objects itself keeps them so
+    if ours:
+        gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        if ours:
+            gc.unfreeze()
 
 
 def _read_all(
