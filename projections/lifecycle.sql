@@ -18,11 +18,53 @@ roots AS (
 SELECT root AS customer_id FROM roots
 UNION SELECT a.customer_id FROM customer_aliases a JOIN roots r ON a.canonical_id = r.root;
 
+-- name: resume
+-- The customers whose stage machine can resume where the stored state left it: no merge
+-- involves them, and each of the batch's touches comes after (in event-time order, ties by
+-- position) every touch before it, so folding them onto the stored stage gives what a
+-- refold of the whole timeline would. Their history rows are appended, not rewritten.
+-- last_order_us, last_occurred_us, last_position: the fold state after the earlier touches.
+CREATE OR REPLACE TEMP TABLE lifecycle_resume AS
+WITH mine AS (
+    SELECT customer_id, position, type, occurred_us,
+           occurred_us::HUGEINT * 1000000000000 + position AS key
+    FROM touches
+    WHERE customer_id IN (SELECT customer_id FROM lifecycle_streams)
+      AND customer_id NOT IN (SELECT customer_id FROM customer_merges
+                              UNION SELECT survivor_id FROM customer_merges)
+),
+ordered AS (
+    SELECT *, max(key) OVER (PARTITION BY customer_id ORDER BY position
+                             ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before_key
+    FROM mine
+),
+resumable AS (
+    SELECT customer_id,
+           arg_max(occurred_us, key) FILTER (WHERE position <= $after) AS last_occurred_us,
+           arg_max(position, key) FILTER (WHERE position <= $after) AS last_position,
+           max(occurred_us) FILTER (WHERE position <= $after AND type = 'order_placed')
+               AS last_order_us
+    FROM ordered
+    GROUP BY customer_id
+    HAVING count(*) FILTER (WHERE position > $after) > 0
+       AND bool_and(before_key IS NULL OR key > before_key) FILTER (WHERE position > $after)
+)
+SELECT r.customer_id, l.stage, coalesce(l.transitions, 0) AS transitions, r.last_order_us,
+       r.last_occurred_us, r.last_position
+FROM resumable r
+LEFT JOIN lifecycle l ON l.customer_id = r.customer_id;
+
+-- name: resumed
+SELECT customer_id, stage, transitions, last_order_us, last_occurred_us, last_position
+FROM lifecycle_resume;
+
 -- name: touches
+-- Every touch of the streams, except the earlier touches of customers that resume.
 SELECT customer_id, position, event_id, type, occurred_us, form_id, direction, outcome,
        sentiment, satisfaction
 FROM touches
 WHERE customer_id IN (SELECT customer_id FROM lifecycle_streams)
+  AND (position > $after OR customer_id NOT IN (SELECT customer_id FROM lifecycle_resume))
 ORDER BY position;
 
 -- name: merges
@@ -31,7 +73,10 @@ WHERE customer_id IN (SELECT customer_id FROM lifecycle_streams)
 ORDER BY position;
 
 -- name: clear
-DELETE FROM lifecycle_history WHERE customer_id IN (SELECT customer_id FROM history_batch);
+-- Customers refolded whole lose their rows; customers that resumed keep their history and
+-- only get new steps (`appended`).
+DELETE FROM lifecycle_history
+WHERE customer_id IN (SELECT customer_id FROM history_batch WHERE NOT appended);
 DELETE FROM lifecycle WHERE customer_id IN (SELECT customer_id FROM history_batch);
 
 -- name: write
@@ -42,7 +87,7 @@ FROM history_batch WHERE step > 0;
 INSERT INTO lifecycle
 SELECT customer_id, arg_max(to_stage, step), arg_max(from_stage, step),
        arg_max(occurred_at, step), arg_max(change_id, step)::UUID,
-       arg_max(event_id, step)::UUID, count(*)
+       arg_max(event_id, step)::UUID, max(step)
 FROM history_batch WHERE step > 0
 GROUP BY customer_id;
 INSERT INTO lifecycle_changes

@@ -462,9 +462,11 @@ class ProjectionRunner:
         con = self.con
         _, _, seq = self._state()
         _x(con, sql("lifecycle", "streams"), {"after": after})
-        table = con.sql(sql("lifecycle", "touches")).to_arrow_table()
+        _x(con, sql("lifecycle", "resume"), {"after": after})
+        resumed = _x(con, sql("lifecycle", "resumed"))
+        table = con.sql(sql("lifecycle", "touches"), params={"after": after}).to_arrow_table()
         merges = _x(con, sql("lifecycle", "merges"))
-        return _LifecycleInputs(table, merges, seq)
+        return _LifecycleInputs(table, merges, seq, resumed)
 
     def _fold(self, after: int, inputs: _LifecycleInputs) -> _Folded:
         """Refold the stage history of customers with relevant events in the batch.
@@ -523,6 +525,13 @@ class ProjectionRunner:
             fresh.extend(late_merges)
             fresh.sort(key=lambda f: f[0])
         states: dict[str, lifecycle.Fold] = {}
+        offsets: dict[str, int] = {}  # resumed customers: history steps already stored
+        for customer, stage, transitions, last_order_us, last_us, last_position in inputs.resumed:
+            state = states[customer] = lifecycle.Fold(customer)
+            state.stage = stage
+            state.last_order_us = last_order_us
+            state.last_key = None if last_us is None else (last_us, last_position)
+            offsets[customer] = transitions
         for customer, timeline in timelines.items():
             timeline.sort(key=lambda t: t.order_key)
             states[customer] = lifecycle.fold(customer, timeline)
@@ -574,24 +583,32 @@ class ProjectionRunner:
             for k, change in enumerate(new):
                 emitted.append((position, k, change))
         by_customer = {g: states[g] for g in sorted(groups)}
+        appended: set[str] = set()
         for customer, state in by_customer.items():
-            if state.changes:
+            offset = offsets.get(customer)
+            if offset is not None:  # resumed: only the new steps, after the stored ones
+                if state.changes:
+                    appended.add(customer)
+                    history.extend(
+                        (customer, step, c) for step, c in enumerate(state.changes, offset + 1)
+                    )
+            elif state.changes:
                 history.extend((customer, step, c) for step, c in enumerate(state.changes, 1))
             else:
                 history.append((customer, 0, None))
         for customer in sorted(merged_away | (set(edges) - groups)):
             history.append((customer, 0, None))  # merged away: no rows of its own
         emitted.sort(key=lambda e: (e[0], e[1]))
-        return _Folded(history, emitted)
+        return _Folded(history, emitted, appended)
 
     def _lifecycle_finish(self, folded: _Folded, seq: int) -> int:
         """Write the refolded histories and the new changes; return the last change seq."""
         con = self.con
         if not folded.history:
-            con.register("history_batch", _history_table([]))
+            con.register("history_batch", _history_table([], set()))
             con.register("changes_batch", _changes_table([], seq))
             return seq
-        con.register("history_batch", _history_table(folded.history))
+        con.register("history_batch", _history_table(folded.history, folded.appended))
         con.register("changes_batch", _changes_table(folded.emitted, seq))
         _x(con, sql("lifecycle", "clear"))
         _x(con, sql("lifecycle", "write"))
@@ -819,11 +836,15 @@ class _LifecycleInputs(NamedTuple):
     touches: pa.Table
     merges: list[Any]
     seq: int
+    #: (customer, stage, transitions, last_order_us, last_occurred_us, last_position) of
+    #: the customers whose fold resumes from the stored state (lifecycle.sql `resume`).
+    resumed: list[Any]
 
 
 class _Folded(NamedTuple):
     history: list[tuple[str, int, lifecycle.Change | None]]
     emitted: list[tuple[int, int, lifecycle.Change]]
+    appended: set[str]  # customers whose history rows are new steps only
 
 
 class _Worker:
@@ -864,10 +885,13 @@ def _x(con: duckdb.DuckDBPyConnection, query: str, params: Any = None) -> list[A
     return con.execute(query, params).fetchall()
 
 
-def _history_table(rows: list[tuple[str, int, lifecycle.Change | None]]) -> pa.Table:
+def _history_table(
+    rows: list[tuple[str, int, lifecycle.Change | None]], appended: set[str]
+) -> pa.Table:
     return pa.table(
         {
             "customer_id": pa.array([r[0] for r in rows], pa.string()),
+            "appended": pa.array([r[0] in appended for r in rows], pa.bool_()),
             "step": pa.array([r[1] for r in rows], pa.int32()),
             "change_id": pa.array([r[2].change_id if r[2] else None for r in rows], pa.string()),
             "from_stage": pa.array([r[2].from_stage if r[2] else None for r in rows], pa.string()),
