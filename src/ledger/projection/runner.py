@@ -48,6 +48,21 @@ LAYOUT_VERSION = 5
 ProgressFn = Callable[[int, int], None]
 #: WAL size at which DuckDB checkpoints by itself while following (see ``follow``).
 FOLLOW_CHECKPOINT_MB = 1024
+#: The tables a follow-mode batch reads or rewrites (warmed up before following).
+_WARM_TABLES = (
+    "customer_facts",
+    "customer_360_base",
+    "customer_identifiers",
+    "touches",
+    "lifecycle",
+    "lifecycle_history",
+    "purchases",
+    "ticket_events",
+    "consents",
+    "forgotten",
+    "customer_aliases",
+    "customer_merges",
+)
 #: Following, checkpoint a WAL of 64 MB or more once no batch came for this long.
 IDLE_CHECKPOINT_SECONDS = 2.0
 #: Events per transaction when loading from the columnar copy (whole segments).
@@ -772,6 +787,7 @@ class ProjectionRunner:
         # stalling that batch for hundreds of ms. Following, checkpoint on our schedule
         # instead: in the maintenance thread, between batches (see _maintain).
         _x(self.con, f"SET checkpoint_threshold = '{FOLLOW_CHECKPOINT_MB}MB'")
+        self._warm_up()
         position, derived, _ = self._state()
         if position == derived:
             self._derived_at = time.monotonic()  # fresh already: wait a full interval
@@ -798,6 +814,15 @@ class ProjectionRunner:
             raise failure[0]
         if self._dirty:
             self.publish()
+
+    def _warm_up(self) -> None:
+        """Read the tables every batch touches into DuckDB's buffers before following.
+
+        Otherwise the first batches after start read them from disk (a 250-event batch took
+        ~0.8 s instead of ~0.2 s at 1M events), before anyone can query the runner.
+        """
+        for table in _WARM_TABLES:
+            _x(self.con, f"SELECT max(hash(t)) FROM {table} t")
 
     def _wal_mb(self) -> float:
         wal = Path(f"{self.path}.wal")
