@@ -157,17 +157,23 @@ def process_cpu(pid: int) -> dict[str, float]:
     append), the rest (the ledger's WAL checkpointer, ...). Linux only."""
     tick = os.sysconf("SC_CLK_TCK")
     out = {"total": 0.0, "main": 0.0, "writer": 0.0, "other": 0.0}
+    writer: int | None = None
+    seconds: dict[int, float] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
             name = (task / "comm").read_text().strip()
         except OSError:  # a thread that just ended
             continue
-        seconds = (int(fields[11]) + int(fields[12])) / tick
-        part = "main" if task.name == str(pid) else "other"
-        part = "writer" if name == "collector-write" else part
-        out[part] += seconds
-        out["total"] += seconds
+        tid = int(task.name)
+        seconds[tid] = (int(fields[11]) + int(fields[12])) / tick
+        # Threads the writer starts (the ledger's WAL checkpointer) inherit its OS name:
+        # the writer is the first of them.
+        if name == "collector-write" and (writer is None or tid < writer):
+            writer = tid
+    for tid, used in seconds.items():
+        out["main" if tid == pid else "writer" if tid == writer else "other"] += used
+        out["total"] += used
     return out
 
 
