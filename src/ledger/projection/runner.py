@@ -393,6 +393,9 @@ class ProjectionRunner:
         cipher: Any = None
         out_pos, out_field, out_value, failed = out.positions, out.fields, out.values, out.failed
         loads, nonce = orjson.loads, kr.NONCE
+        # A rebuild uses each key once: skip the LRU's bookkeeping (8.9 -> 1.6 us a key);
+        # follow mode's small batches keep the cache, their customers come back.
+        unwrap = keys.unwrap if len(order) > _SMALL_BATCH else keys.load
         for position, stream, sealed, aad, fields, customer in zip(*cols, strict=True):
             if stream != current:
                 current = stream
@@ -404,7 +407,7 @@ class ProjectionRunner:
                         requested = set(wanted)
                         chunk = self.ledger.store.read_wrapped_keys(wanted)
                     blob = chunk.get(stream)
-                    cipher = None if blob is None else keys.load(stream, blob)
+                    cipher = None if blob is None else unwrap(stream, blob)
             ids: Any = None
             if cipher is not None:
                 try:
