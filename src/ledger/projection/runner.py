@@ -21,7 +21,8 @@ import bisect
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -246,8 +247,7 @@ class ProjectionRunner:
         extend = copy is not None and len(rows) >= copy.min_events and copy.frontier == after
         self._use_threads(1 if len(rows) < _SMALL_BATCH else self._threads)
         con = self.con
-        _x(con, "BEGIN")
-        try:
+        with self._transaction():
             con.register("batch_raw", batch)
             _x(con, sql("events", "parse"))
             con.unregister("batch_raw")
@@ -256,9 +256,17 @@ class ProjectionRunner:
                 copy.write(con, "batch_events", after + 1, last, sealed[-1][1])
             self._apply_batch(after, last)
             _x(con, "DROP TABLE batch_events")
-            _x(con, "COMMIT")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One batch's DuckDB transaction: committed whole or rolled back, and the Arrow
+        tables registered for it unregistered either way."""
+        _x(self.con, "BEGIN")
+        try:
+            yield
+            _x(self.con, "COMMIT")
         except BaseException:
-            _x(con, "ROLLBACK")
+            _x(self.con, "ROLLBACK")
             raise
         finally:
             self._unregister()
@@ -272,8 +280,7 @@ class ProjectionRunner:
         last = segments[-1].last
         self._use_threads(self._threads)
         con = self.con
-        _x(con, "BEGIN")
-        try:
+        with self._transaction():
             files = ", ".join("'" + str(s.path).replace("'", "''") + "'" for s in segments)
             _x(
                 con,
@@ -291,12 +298,6 @@ class ProjectionRunner:
                 )
             self._apply_batch(after, last)
             _x(con, "DROP VIEW batch_events")
-            _x(con, "COMMIT")
-        except BaseException:
-            _x(con, "ROLLBACK")
-            raise
-        finally:
-            self._unregister()
         return last
 
     def _unregister(self) -> None:
