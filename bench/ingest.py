@@ -215,7 +215,7 @@ def main() -> None:
     if args.writer_checkpoints:
         import ledger.store.sqlite as sqlite_store
 
-        sqlite_store._WAL_FALLBACK_PAGES = 1_000  # SQLite's default wal_autocheckpoint
+        sqlite_store.WAL_FALLBACK_PAGES = 1_000  # SQLite's default wal_autocheckpoint
         sqlite_store._Checkpointer.committed = lambda self: None  # type: ignore[method-assign]
         print("A/B: writer checkpoints (SQLite's default), no background checkpointer")
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from collector_server import Server, add_source, cli_env
 from conftest import TEST_MASTER_KEY
 from ledger.collector import segment
-from ledger.collector.db import WAL_FALLBACK_PAGES, CollectorDB
+from ledger.collector.db import CollectorDB
 from ledger.collector.identity import (
     GraphResolver,
     Pseudonyms,
@@ -33,6 +33,7 @@ from ledger.collector.intake import LedgerSink
 from ledger.collector.touch import Touch
 from ledger.ledger import Ledger, LedgerError
 from ledger.settings import Settings
+from ledger.store.sqlite import WAL_FALLBACK_PAGES
 
 NOW = dt.datetime(2026, 11, 1, 12, tzinfo=dt.UTC)
 

@@ -17,9 +17,8 @@ from typing import IO, Any
 
 from ledger.ledger import LedgerError
 from ledger.settings import Settings
+from ledger.store.sqlite import WAL_FALLBACK_PAGES
 
-#: WAL pages past which a commit on this connection checkpoints itself (the ledger's value).
-WAL_FALLBACK_PAGES = 16_384
 #: Page cache of the connection: the identity graph's indexes are read at random.
 CACHE_MB = 32
 #: pg_advisory_lock key of "the collector of this database" (any fixed 64-bit number).

@@ -27,7 +27,7 @@ from ledger.store.base import EventStore, Head, StoredRow, WriteSession, create_
 _CHUNK = 5_000
 #: Pages the WAL may hold before a committing writer checkpoints it itself (64 MB): the
 #: fallback for when the background checkpointer falls behind (SQLite's default is 1,000).
-_WAL_FALLBACK_PAGES = 16_384
+WAL_FALLBACK_PAGES = 16_384
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
@@ -57,7 +57,7 @@ class _Pool(SQLiteConnectionPool):
         # Deleted key material is overwritten, not left in free pages.
         raw.execute("PRAGMA secure_delete=ON")
         raw.execute(f"PRAGMA synchronous={self.synchronous}")
-        raw.execute(f"PRAGMA wal_autocheckpoint={_WAL_FALLBACK_PAGES}")
+        raw.execute(f"PRAGMA wal_autocheckpoint={WAL_FALLBACK_PAGES}")
         return conn
 
 
@@ -70,7 +70,7 @@ class _Checkpointer:
     connection a few times a second while appends go on (SQLite releases the GIL for
     the I/O, so it overlaps the next batch's Python work), pages dirtied by several
     commits are written once, and committing writers only checkpoint themselves past
-    :data:`_WAL_FALLBACK_PAGES`. Durability is unchanged: commits still sync the WAL.
+    :data:`WAL_FALLBACK_PAGES`. Durability is unchanged: commits still sync the WAL.
     """
 
     def __init__(self, path: Path, interval: float = 0.05):
