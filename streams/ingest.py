@@ -50,6 +50,7 @@ from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from faust.types import TP
 
 from ledger.contract import ContractError, Event, parse_line
+from ledger.ingest import GC_THRESHOLDS
 from ledger.ledger import Ledger, StaleTracking
 from ledger.settings import Settings
 
@@ -62,8 +63,6 @@ MAX_POLL_RECORDS = 10_000
 #: How long a fetch waits for records while a batch is being appended / when idle.
 FETCH_WAIT_BUSY_S = 0.01
 FETCH_WAIT_IDLE_S = 1.0
-#: Garbage-collector thresholds of a worker (Python's defaults: 700, 10, 10).
-GC_THRESHOLDS = (50_000, 20, 100)
 
 
 class Record(Protocol):

@@ -24,8 +24,8 @@ from ledger.ledger import AppendResult, Ledger
 from ledger.sources import Item, OversizedLine, read_csv, read_jsonl
 
 Format = Literal["jsonl", "csv"]
-#: Garbage-collector thresholds during an import (Python's defaults: 700, 10, 10), as the
-#: Kafka ingest worker and the collector use.
+#: Garbage-collector thresholds for bulk appends (Python's defaults: 700, 10, 10): during an
+#: import here, and for the whole life of the Kafka ingest worker and of `ledger serve`.
 GC_THRESHOLDS = (50_000, 20, 100)
 
 

@@ -21,11 +21,9 @@ from ledger.collector.identity import (
     report,
 )
 from ledger.collector.signing import WebhookSigning, master_key
+from ledger.ingest import GC_THRESHOLDS
 from ledger.ledger import Ledger
 from ledger.settings import Settings
-
-#: Garbage-collector thresholds of `ledger serve` (as streams/ingest.py's worker).
-GC_THRESHOLDS = (50_000, 20, 100)
 
 sources_app = typer.Typer(
     help="Write keys for the HTTP collector: one per source, bound to its channels.",
