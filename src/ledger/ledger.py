@@ -648,9 +648,9 @@ class Ledger:
             checkpoint()
         return existed
 
-    def backup(self, destination: Path, *, verify: bool = True) -> VerifyReport | None:
-        """Copy the ledger to a new file ``destination`` while it keeps taking appends, then
-        (``verify``) recompute every chain of the copy and return that report.
+    def backup(self, destination: Path) -> None:
+        """Copy the ledger to a new file ``destination`` while it keeps taking appends
+        (:meth:`verify_copy` then checks the copy's chains).
 
         The copy holds the wrapped data keys: a customer forgotten later stays readable in
         it (with the master key) until the copy is destroyed, so keep backups on a schedule
@@ -670,7 +670,6 @@ class Ledger:
         except (OSError, sqlite3.Error) as exc:
             destination.unlink(missing_ok=True)
             raise LedgerError(f"backup to {destination} failed: {exc}") from None
-        return self.verify_copy(destination) if verify else None
 
     def verify_copy(
         self, path: Path, on_progress: Callable[[int, int], None] | None = None

@@ -399,21 +399,20 @@ def backup(
     started = time.perf_counter()
     with _open(settings) as ledger:
         with err_console.status(f"backing up {ledger.store.location} ..."):
-            report = ledger.backup(destination, verify=False)
+            ledger.backup(destination)
         size = destination.stat().st_size
         console.print(
             f"backed up to {destination} ({_human_bytes(size)}) in "
             f"{time.perf_counter() - started:,.1f} s",
             highlight=False,
         )
-        if verify:
-            with progress() as bar:
-                task = bar.add_task("verify the copy", total=None)
-                report = ledger.verify_copy(
-                    destination, lambda done, total: bar.update(task, completed=done, total=total)
-                )
-    if report is None:
-        return
+        if not verify:
+            return
+        with progress() as bar:
+            task = bar.add_task("verify the copy", total=None)
+            report = ledger.verify_copy(
+                destination, lambda done, total: bar.update(task, completed=done, total=total)
+            )
     if not report.ok:
         fail(
             f"the copy at {destination} does not verify ({len(report.problems)} problem(s)); "
