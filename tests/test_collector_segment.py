@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from ledger.collector.segment import map_message
 from ledger.collector.touch import MappingError, normalise_phone
 from ledger.contract import ContractError, parse_event
+from strategies import JSON_VALUES
 
 RECEIVED = dt.datetime(2026, 11, 1, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -156,17 +157,6 @@ def test_phone_normalisation_to_e164(given: str, expected: str | None) -> None:
     assert normalise_phone(given) == expected
 
 
-_JSON = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
 _TIMES = st.datetimes(
     min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30), timezones=st.just(dt.UTC)
 ).map(lambda t: t.isoformat())
@@ -178,42 +168,52 @@ _TIMES = st.datetimes(
         {},
         optional={
             "type": st.sampled_from(["track", "page", "identify", "screen", "group", "alias"])
-            | _JSON,
+            | JSON_VALUES,
             "event": st.sampled_from(
                 ["Order Completed", "Order Refunded", "Form Submitted", "chat_message", "Clicked"]
             )
-            | _JSON,
-            "userId": st.text(max_size=5) | _JSON,
-            "anonymousId": st.text(max_size=5) | _JSON,
-            "previousId": _JSON,
-            "groupId": _JSON,
-            "name": _JSON,
-            "messageId": _JSON,
-            "timestamp": _TIMES | _JSON,
-            "originalTimestamp": _TIMES | _JSON,
-            "sentAt": _TIMES | _JSON,
-            "context": st.fixed_dictionaries({}, optional={"page": _JSON, "traits": _JSON}) | _JSON,
-            "traits": st.fixed_dictionaries(
-                {}, optional={"email": _JSON | st.emails(), "phone": _JSON, "name": _JSON}
+            | JSON_VALUES,
+            "userId": st.text(max_size=5) | JSON_VALUES,
+            "anonymousId": st.text(max_size=5) | JSON_VALUES,
+            "previousId": JSON_VALUES,
+            "groupId": JSON_VALUES,
+            "name": JSON_VALUES,
+            "messageId": JSON_VALUES,
+            "timestamp": _TIMES | JSON_VALUES,
+            "originalTimestamp": _TIMES | JSON_VALUES,
+            "sentAt": _TIMES | JSON_VALUES,
+            "context": st.fixed_dictionaries(
+                {}, optional={"page": JSON_VALUES, "traits": JSON_VALUES}
             )
-            | _JSON,
+            | JSON_VALUES,
+            "traits": st.fixed_dictionaries(
+                {},
+                optional={
+                    "email": JSON_VALUES | st.emails(),
+                    "phone": JSON_VALUES,
+                    "name": JSON_VALUES,
+                },
+            )
+            | JSON_VALUES,
             "properties": st.fixed_dictionaries(
                 {},
                 optional={
-                    "url": _JSON,
-                    "order_id": _JSON,
-                    "total": _JSON,
-                    "revenue": _JSON,
-                    "currency": _JSON,
-                    "products": st.lists(st.fixed_dictionaries({}, optional={"quantity": _JSON})),
-                    "form_id": _JSON,
-                    "fields": _JSON,
+                    "url": JSON_VALUES,
+                    "order_id": JSON_VALUES,
+                    "total": JSON_VALUES,
+                    "revenue": JSON_VALUES,
+                    "currency": JSON_VALUES,
+                    "products": st.lists(
+                        st.fixed_dictionaries({}, optional={"quantity": JSON_VALUES})
+                    ),
+                    "form_id": JSON_VALUES,
+                    "fields": JSON_VALUES,
                 },
             )
-            | _JSON,
+            | JSON_VALUES,
         },
     ),
-    _TIMES | _JSON,
+    _TIMES | JSON_VALUES,
 )
 def test_any_message_is_mapped_or_refused_with_sentences_never_raises(
     msg: dict[str, Any], batch_sent_at: Any

@@ -244,25 +244,21 @@ def test_sendgrid_signed_event_webhook_over_http(
     signature = base64.b64encode(
         own.sign(stamp.encode() + body, ec.ECDSA(hashes.SHA256()))
     ).decode()
-    mine = requests.post(
-        url,
-        data=body,
-        auth=(keys["mailer"], ""),
-        headers={
-            "X-Twilio-Email-Event-Webhook-Signature": signature,
-            "X-Twilio-Email-Event-Webhook-Timestamp": stamp,
-        },
-    )
+
+    def post_mailer(timestamp: str) -> requests.Response:
+        return requests.post(
+            url,
+            data=body,
+            auth=(keys["mailer"], ""),
+            headers={
+                "X-Twilio-Email-Event-Webhook-Signature": signature,
+                "X-Twilio-Email-Event-Webhook-Timestamp": timestamp,
+            },
+        )
+
+    mine = post_mailer(stamp)
     assert mine.status_code == 200 and mine.json()["stored"] == 1, mine.text
-    late = requests.post(
-        url,
-        data=body,
-        auth=(keys["mailer"], ""),
-        headers={
-            "X-Twilio-Email-Event-Webhook-Signature": signature,
-            "X-Twilio-Email-Event-Webhook-Timestamp": str(int(stamp) + 1),
-        },
-    )
+    late = post_mailer(str(int(stamp) + 1))
     assert late.status_code == 403  # the timestamp is signed too
 
 

@@ -21,6 +21,7 @@ from ledger.collector.webhooks import map_chat, map_sendgrid, map_social, map_tw
 from ledger.contract import ContractError, parse_event
 from ledger.ledger import Ledger, RecordedEvent
 from ledger.settings import Settings
+from strategies import JSON_VALUES
 
 MESSAGE = "14c5d75ce93.dfd.64b469.filter0001.16648.5515E0B88.000000000000000000000"
 SMTP_ID = "<14c5d75ce93.dfd.64b469@ismtpd-555>"
@@ -319,19 +320,6 @@ def test_generic_json_webhooks_for_chat_and_social(served: tuple[Server, dict[st
     assert social_key_for_chat.status_code == 403
 
 
-_JSON = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
-
-
 def _mapped_or_refused(mapper: Any, item: Any) -> None:
     received = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
     try:
@@ -365,18 +353,18 @@ def _mapped_or_refused(mapper: Any, item: Any) -> None:
                     "unsubscribe",
                 ]
             )
-            | _JSON,
-            "email": st.emails() | _JSON,
-            "timestamp": st.integers() | st.floats() | _JSON,
-            "sg_event_id": st.text(min_size=1, max_size=5) | _JSON,
-            "sg_message_id": _JSON,
-            "url": _JSON,
-            "reason": _JSON,
-            "type": st.sampled_from(["bounce", "blocked"]) | _JSON,
-            "marketing_campaign_id": _JSON,
+            | JSON_VALUES,
+            "email": st.emails() | JSON_VALUES,
+            "timestamp": st.integers() | st.floats() | JSON_VALUES,
+            "sg_event_id": st.text(min_size=1, max_size=5) | JSON_VALUES,
+            "sg_message_id": JSON_VALUES,
+            "url": JSON_VALUES,
+            "reason": JSON_VALUES,
+            "type": st.sampled_from(["bounce", "blocked"]) | JSON_VALUES,
+            "marketing_campaign_id": JSON_VALUES,
         },
     )
-    | _JSON
+    | JSON_VALUES
 )
 def test_any_sendgrid_event_is_mapped_or_refused_never_raises(item: Any) -> None:
     _mapped_or_refused(map_sendgrid, item)
@@ -413,7 +401,7 @@ def test_any_twilio_callback_is_mapped_or_refused_never_raises(
 
 
 @settings(max_examples=200, deadline=None)
-@given(_JSON, _JSON)
+@given(JSON_VALUES, JSON_VALUES)
 def test_any_chat_or_social_item_is_mapped_or_refused_never_raises(chat: Any, social: Any) -> None:
     for mapper, item in ((map_chat, chat), (map_social, social)):
         _mapped_or_refused(mapper, item)
