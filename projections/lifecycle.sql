@@ -58,14 +58,18 @@ LEFT JOIN lifecycle l ON l.customer_id = r.customer_id;
 SELECT customer_id, stage, transitions, last_order_us, last_occurred_us, last_position
 FROM lifecycle_resume;
 
--- name: touches
--- Every touch of the streams, except the earlier touches of customers that resume.
-SELECT customer_id, position, event_id, type, occurred_us, form_id, direction, outcome,
-       sentiment, satisfaction
-FROM touches
-WHERE customer_id IN (SELECT customer_id FROM lifecycle_streams)
-  AND (position > $after OR customer_id NOT IN (SELECT customer_id FROM lifecycle_resume))
-ORDER BY position;
+-- name: input
+-- Every touch of the streams, except the earlier touches of customers that resume; root:
+-- the canonical customer (the runner cuts big batches into partitions by it).
+CREATE OR REPLACE TEMP TABLE lifecycle_input AS
+SELECT t.customer_id, t.position, t.event_id, t.type, t.occurred_us, t.form_id,
+       t.direction, t.outcome, t.sentiment, t.satisfaction,
+       coalesce(a.canonical_id, t.customer_id) AS root
+FROM touches t
+LEFT JOIN customer_aliases a ON a.customer_id = t.customer_id
+WHERE t.customer_id IN (SELECT customer_id FROM lifecycle_streams)
+  AND (t.position > $after
+       OR t.customer_id NOT IN (SELECT customer_id FROM lifecycle_resume));
 
 -- name: merges
 SELECT customer_id, survivor_id, position FROM customer_merges
@@ -78,6 +82,15 @@ ORDER BY position;
 DELETE FROM lifecycle_history
 WHERE customer_id IN (SELECT customer_id FROM history_batch WHERE NOT appended);
 DELETE FROM lifecycle WHERE customer_id IN (SELECT customer_id FROM history_batch);
+
+-- name: number
+-- The batch's new changes (changes_found: from every partition's fold), numbered after
+-- $seq in ledger-position order (k: order within one position).
+CREATE OR REPLACE TEMP TABLE changes_batch AS
+SELECT $seq + row_number() OVER (ORDER BY ledger_position, k) AS seq,
+       change_id, customer_id, from_stage, to_stage, event_id, event_position, occurred_at,
+       ledger_position
+FROM changes_found;
 
 -- name: write
 INSERT INTO lifecycle_history
@@ -93,4 +106,5 @@ GROUP BY customer_id;
 INSERT INTO lifecycle_changes
 SELECT seq, change_id::UUID, customer_id, from_stage, to_stage, event_id::UUID,
        event_position, occurred_at, ledger_position
-FROM changes_batch;
+FROM changes_batch
+ORDER BY seq;

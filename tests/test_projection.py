@@ -273,15 +273,38 @@ def test_forget_erases_identifiers_and_rebuild_agrees(
             duckdb.connect(str(tmp_path / "p.duckdb")) as incremental,
         ):
             assert_same_tables(incremental, rebuilt.con)
+        # Worker processes decrypting the whole log: the erased rows fail and are retried.
+        with (
+            project(
+                ledger,
+                tmp_path / "offloaded.duckdb",
+                settings=sqlite_settings,
+                offload_min_events=1,
+                processes=2,
+            ) as offloaded,
+            duckdb.connect(str(tmp_path / "p.duckdb")) as incremental,
+        ):
+            assert_same_tables(incremental, offloaded.con)
 
 
-@pytest.mark.parametrize("batches", [(17,), (7, 130, 500), (250, 1_000)])
+@pytest.mark.parametrize(
+    ("batches", "offload"),
+    [((17,), False), ((7, 130, 500), False), ((250, 1_000), False), ((250, 1_000), True)],
+)
 def test_rebuild_equals_incremental(
-    sqlite_settings: Settings, tmp_path: Path, batches: tuple[int, ...]
+    sqlite_settings: Settings, tmp_path: Path, batches: tuple[int, ...], offload: bool
 ) -> None:
     lines = generated(3_000, 150)
     with Ledger.open(sqlite_settings) as ledger:
-        incremental = ProjectionRunner(ledger, tmp_path / "inc.duckdb", batch_size=batches[0])
+        # offload: every batch folds and decrypts in worker processes (resumed folds too).
+        incremental = ProjectionRunner(
+            ledger,
+            tmp_path / "inc.duckdb",
+            batch_size=batches[0],
+            settings=sqlite_settings,
+            offload_min_events=1 if offload else 10**9,
+            processes=2,
+        )
         # Append in slices and project between them, changing the batch size as we go.
         for n, start in enumerate(range(0, len(lines), 700)):
             result = ledger.append(lines[start : start + 700])

@@ -83,6 +83,15 @@ def test_merges_fold_into_survivor_and_rebuild_agrees(
         with project(ledger, tmp_path / "rebuilt.duckdb") as rebuilt:
             assert rebuilt.position == incremental.position
             assert_same_tables(incremental.con, rebuilt.con)
+        # Folding in worker processes keeps each merged group in one partition.
+        with project(
+            ledger,
+            tmp_path / "offloaded.duckdb",
+            settings=sqlite_settings,
+            offload_min_events=1,
+            processes=2,
+        ) as offloaded:
+            assert_same_tables(incremental.con, offloaded.con)
         incremental.close()
         with (
             project(ledger, tmp_path / "small.duckdb", batch_size=1) as small,

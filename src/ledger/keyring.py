@@ -69,11 +69,17 @@ class Keyring:
     """
 
     def __init__(self, master_key: bytes, capacity: int = 8192):
+        self._master_key = master_key
         self._master = AESGCM(master_key)
         self._capacity = capacity
         # customer -> (the wrapped key the cipher came from, cipher). A cached cipher is
         # reused only for the same stored key, never after forget deleted and re-created it.
         self._cache: OrderedDict[str, tuple[bytes, AESGCM]] = OrderedDict()
+
+    def __reduce__(self) -> tuple[type[Keyring], tuple[bytes, int]]:
+        # Pickled for the projection runner's worker processes (same machine, same user):
+        # the master key only, never the cache of unwrapped keys.
+        return (Keyring, (self._master_key, self._capacity))
 
     def _remember(self, customer_id: str, wrapped: bytes, cipher: AESGCM) -> None:
         self._cache[customer_id] = (wrapped, cipher)

@@ -17,25 +17,24 @@ its own connection, while a socket serves read-only queries
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import duckdb
 import numpy as np
-import orjson
 import pyarrow as pa
-from cryptography.exceptions import InvalidTag
 
-from ledger import keyring as kr
 from ledger.chain import unseal
 from ledger.ledger import Ledger, LedgerError
-from ledger.projection import churn, lifecycle, serve, snapshot
+from ledger.projection import churn, lifecycle, serve, snapshot, workers
 from ledger.projection.definitions import sql
 from ledger.projection.rfm import segment_table
 from ledger.projection.segments import ColumnarCopy
@@ -69,8 +68,11 @@ IDLE_CHECKPOINT_SECONDS = 2.0
 #: Events per transaction when loading from the columnar copy (whole segments).
 COPY_BATCH = 1_000_000
 _HAS_MERGES = "SELECT count(*) FROM batch_events WHERE type = 'customers_merged'"
-#: Wrapped keys read from the store per query while decrypting.
-_KEY_CHUNK = 20_000
+#: Batches of at least this many events fold and decrypt in worker processes.
+OFFLOAD_MIN_EVENTS = 200_000
+#: Rows per partition handed to a worker process: touches to fold, events to decrypt.
+_FOLD_PART_ROWS = 250_000
+_DECRYPT_PART_ROWS = 100_000
 _FORGOTTEN = "SELECT DISTINCT customer_id FROM batch_events WHERE type = 'customer_forgotten'"
 
 
@@ -90,8 +92,18 @@ class ProjectionRunner:
         memory_limit: str = "1GB",
         columnar: Path | None = None,
         segment_min_events: int | None = None,
+        settings: Settings | None = None,
+        offload_min_events: int = OFFLOAD_MIN_EVENTS,
+        processes: int | None = None,
     ):
         self.ledger = ledger
+        #: Lets worker processes open the ledger's store (for wrapped keys); without it
+        #: big batches decrypt in this process.
+        self.settings = settings
+        #: Batches of at least this many events run their Python steps in processes.
+        self.offload_min_events = offload_min_events
+        self._offload = workers.Offload(processes or os.cpu_count() or 1)
+        self._registered: list[str] = []
         self.copy: ColumnarCopy | None = None
         if columnar is not None:
             self.copy = ColumnarCopy(columnar, ledger)
@@ -157,10 +169,12 @@ class ProjectionRunner:
             settings.projections_path,
             snapshot_to=snapshot.snapshot_path(settings),
             serve_at=serve.socket_path(settings),
+            settings=settings,
             **options,
         )
 
     def close(self) -> None:
+        self._offload.close()
         self.con.close()
 
     def __enter__(self) -> ProjectionRunner:
@@ -301,8 +315,9 @@ class ProjectionRunner:
         return last
 
     def _unregister(self) -> None:
-        for name in ("batch_raw", "batch_identifiers", "history_batch", "changes_batch"):
+        for name in ("batch_raw", *self._registered):
             self.con.unregister(name)
+        self._registered.clear()
 
     def _apply_batch(self, after: int, last: int) -> None:
         """Fold ``batch_events`` (positions ``after``+1..``last``) into every table.
@@ -329,27 +344,32 @@ class ProjectionRunner:
         forgotten = [c for (c,) in _x(con, _FORGOTTEN)]
         if forgotten:
             _x(con, sql("identifiers", "erase"), {"after": after})
-        inputs = self._lifecycle_inputs(after)
-        folding = _Worker(lambda: self._fold(after, inputs))
-        decrypting: _Worker | None = None
+        _, _, seq = self._state()
+        offload = self._offload if last - after >= self.offload_min_events else None
+        work = self._work_dir() if offload is not None else None
         try:
-            candidates = self._identifier_candidates(forgotten)
-            decrypting = _Worker(lambda: self._decrypt(candidates))
-            if not merged:
-                _x(con, sql("events", "load"))
-            _x(con, sql("customer_360", "batch"))
-            _x(con, sql("customer_360", "merge"))
-            if merged:
-                _x(con, sql("customer_360", "refresh"))
-                _x(con, sql("customer_360", "insert"))
-        finally:
+            folding = self._start_fold(after, offload, work)
+            decrypting: _Pending | None = None
             try:
-                folded = folding.result()
+                decrypting = self._start_decrypt(forgotten, offload, work)
+                if not merged:
+                    _x(con, sql("events", "load"))
+                _x(con, sql("customer_360", "batch"))
+                _x(con, sql("customer_360", "merge"))
+                if merged:
+                    _x(con, sql("customer_360", "refresh"))
+                    _x(con, sql("customer_360", "insert"))
             finally:
-                if decrypting is not None:
-                    decrypted = decrypting.result()
-        self._identifiers_finish(decrypted)
-        changes = self._lifecycle_finish(folded, inputs.seq)
+                try:
+                    folded = folding.result()
+                finally:
+                    if decrypting is not None:
+                        decrypted = decrypting.result()
+            self._identifiers_finish(decrypted)
+            changes = self._lifecycle_finish(folded, seq)
+        finally:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
         _x(con, sql("customer_360", "refresh_affected"))
         _x(con, "UPDATE projection_state SET position = ?, changes = ?", [last, changes])
 
@@ -358,94 +378,120 @@ class ProjectionRunner:
             _x(self.con, f"SET threads = {threads}")
             self._threads_now = threads
 
-    def _identifier_candidates(self, forgotten: list[str]) -> pa.Table:
-        """The events whose identifiers the batch needs (``projections/identifiers.sql``).
+    def _work_dir(self) -> Path:
+        """A scratch directory beside the projections for one offloaded batch's files."""
+        work = self.path.parent / f".projection-work-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        return work
 
-        Per (customer, field) the newest event naming the field, and whole every body
-        that does not name its identifiers; ``_identifiers_finish`` asks for the next
-        newest only when one cannot be decrypted.
+    def _parts(self, table: str, rows_per_part: int) -> int:
+        """How many partitions to cut ``table`` into: about ``rows_per_part`` rows each,
+        and at least two per worker process so the processes finish close together."""
+        assert self._offload is not None
+        rows = int(_x(self.con, f"SELECT count(*) FROM {table}")[0][0])
+        return max(2 * self._offload.processes, -(-rows // rows_per_part))
+
+    def _start_fold(
+        self, after: int, offload: workers.Offload | None, work: Path | None
+    ) -> _Pending:
+        """Start refolding the stage history of every stream the batch changes.
+
+        Inline, one fold in a thread; offloaded, the streams are cut into partitions by
+        their canonical customer (a merged group stays whole) and each partition's touches
+        go to a worker process as a Parquet file.
+        """
+        con = self.con
+        _x(con, sql("lifecycle", "streams"), {"after": after})
+        _x(con, sql("lifecycle", "resume"), {"after": after})
+        _x(con, sql("lifecycle", "input"), {"after": after})
+        if offload is None or work is None:
+            inputs = workers.LifecycleInputs(
+                con.sql(
+                    "SELECT * EXCLUDE (root) FROM lifecycle_input ORDER BY position"
+                ).to_arrow_table(),
+                _x(con, sql("lifecycle", "merges")),
+                _x(con, sql("lifecycle", "resumed")),
+            )
+            return _Pending.inline(lambda: [workers.fold(after, inputs)])
+        parts = self._parts("lifecycle_input", _FOLD_PART_ROWS)
+        _x(con, _copy_parts("SELECT * FROM lifecycle_input", "root", parts, work / "touches"))
+        merges: dict[int, list[Any]] = {}
+        for *merge, part in _x(con, _by_part(sql("lifecycle", "merges"), "customer_id", parts)):
+            merges.setdefault(part, []).append(tuple(merge))
+        resumed: dict[int, list[Any]] = {}
+        for *row, part in _x(con, _by_part(sql("lifecycle", "resumed"), "customer_id", parts)):
+            resumed.setdefault(part, []).append(tuple(row))
+        return _Pending.offloaded(
+            [
+                offload.fold(
+                    after,
+                    work / "touches" / f"part={k}",
+                    merges.get(k, []),
+                    resumed.get(k, []),
+                    work / f"folded-{k}",
+                )
+                for k in range(parts)
+            ]
+        )
+
+    def _start_decrypt(
+        self, forgotten: list[str], offload: workers.Offload | None, work: Path | None
+    ) -> _Pending:
+        """Start decrypting the events whose identifiers the batch needs
+        (``projections/identifiers.sql``): per (customer, field) the newest event naming
+        the field, and whole every body that does not name its identifiers;
+        ``_identifiers_finish`` asks for the next newest only when one cannot be decrypted.
         """
         con = self.con
         keys = self.ledger.keys
+        self._identifier_candidates(forgotten)
+        if offload is None or work is None or self.settings is None:
+            picked = con.sql(sql("identifiers", "pick")).to_arrow_table()
+            return _Pending.inline(lambda: [self._decrypt_inline(picked)])
+        pick = sql("identifiers", "pick").strip().rstrip(";")
+        _x(con, f"CREATE OR REPLACE TEMP TABLE id_picked AS {pick}")
+        parts = self._parts("id_picked", _DECRYPT_PART_ROWS)
+        _x(con, _copy_parts("SELECT * FROM id_picked", "stream_id", parts, work / "picked"))
+        return _Pending.offloaded(
+            [
+                offload.decrypt(
+                    work / "picked" / f"part={k}", keys, self.settings, work / f"decrypted-{k}"
+                )
+                for k in range(parts)
+            ]
+        )
+
+    def _identifier_candidates(self, forgotten: list[str]) -> int:
+        """Choose the events to decrypt (temp table ``id_candidates``); return how many."""
         # A forget destroys the key; a later event for the customer gets a new one, so a
         # cached old key must not be used for the rows after it.
         for customer in forgotten:
-            keys.drop(customer)
-        _x(con, sql("identifiers", "candidates"))
-        return con.sql(sql("identifiers", "pick")).to_arrow_table()
+            self.ledger.keys.drop(customer)
+        _x(self.con, sql("identifiers", "candidates"))
+        return int(_x(self.con, "SELECT count(DISTINCT position) FROM id_candidates")[0][0])
 
-    def _decrypt(self, found: pa.Table) -> _Decrypted:
-        """Decrypt the picked events (pure Python and the key store: runs in a worker).
+    def _decrypt_inline(self, picked: pa.Table) -> workers.Decrypted:
+        # Follow mode's small batches keep the key cache: their customers come back.
+        cache = picked.num_rows <= _SMALL_BATCH
+        return workers.decrypt(
+            picked, self.ledger.keys, self.ledger.store.read_wrapped_keys, cache=cache
+        )
 
-        The rows come grouped by stream: each stream's key is unwrapped when its rows
-        start and not kept after them (an AESGCM object holds ~2.4 KB of native memory;
-        a rebuild batch may touch a million customers). Wrapped keys are read in chunks.
-        """
-        keys = self.ledger.keys
-        out = _Decrypted([], [], [], [])
-        if not found.num_rows:
-            return out
-        cols = [found.column(i).to_pylist() for i in range(found.num_columns)]
-        order = list(dict.fromkeys(cols[1]))
-        chunk: dict[str, bytes] = {}
-        requested: set[str] = set()
-        next_chunk = 0
-        current: str | None = None
-        cipher: Any = None
-        out_pos, out_field, out_value, failed = out.positions, out.fields, out.values, out.failed
-        loads, nonce = orjson.loads, kr.NONCE
-        # A rebuild uses each key once: skip the LRU's bookkeeping (8.9 -> 1.6 us a key);
-        # follow mode's small batches keep the cache, their customers come back.
-        unwrap = keys.unwrap if len(order) > _SMALL_BATCH else keys.load
-        for position, stream, sealed, aad, fields, customer in zip(*cols, strict=True):
-            if stream != current:
-                current = stream
-                cipher = keys.cached(stream)
-                if cipher is None:
-                    if stream not in requested:  # streams come in `order`: the next chunk
-                        wanted = order[next_chunk : next_chunk + _KEY_CHUNK]
-                        next_chunk += _KEY_CHUNK
-                        requested = set(wanted)
-                        chunk = self.ledger.store.read_wrapped_keys(wanted)
-                    blob = chunk.get(stream)
-                    cipher = None if blob is None else unwrap(stream, blob)
-            ids: Any = None
-            if cipher is not None:
-                try:
-                    ids = loads(cipher.decrypt(sealed[:nonce], sealed[nonce:], aad))
-                except InvalidTag:
-                    pass  # written under a key that was destroyed: erased
-                else:
-                    ids = ids.get("identifiers")
-            if not isinstance(ids, dict):
-                ids = None
-            if fields is None:  # a body that does not name its identifiers: all of them
-                for name, value in (ids or {}).items():
-                    if value is not None:
-                        out_pos.append(position)
-                        out_field.append(name)
-                        out_value.append(str(value))
-                continue
-            for field in fields:
-                value = None if ids is None else ids.get(field)
-                if value is None:
-                    failed.append((customer, field, position))
-                else:
-                    out_pos.append(position)
-                    out_field.append(field)
-                    out_value.append(str(value))
-        return out
-
-    def _identifiers_finish(self, decrypted: _Decrypted) -> None:
+    def _identifiers_finish(self, decrypted: list[workers.Decrypted]) -> None:
         """Retry what could not be decrypted, then merge into ``customer_identifiers``."""
         con = self.con
+        _x(
+            con,
+            _union_into("batch_identifiers", con, [d.found for d in decrypted], self._registered),
+        )
+        failed = [f for d in decrypted for f in d.failed]
         _x(
             con,
             "CREATE OR REPLACE TEMP TABLE id_failed "
             "(customer_id VARCHAR, field VARCHAR, position BIGINT)",
         )
-        while decrypted.failed:
-            failed = decrypted.failed
+        while failed:
             con.register(
                 "id_failed_in",
                 pa.table(
@@ -459,179 +505,25 @@ class ProjectionRunner:
             _x(con, "DELETE FROM id_failed; INSERT INTO id_failed SELECT * FROM id_failed_in")
             con.unregister("id_failed_in")
             _x(con, sql("identifiers", "retry"))
-            again = self._decrypt(con.sql(sql("identifiers", "pick")).to_arrow_table())
-            decrypted.positions.extend(again.positions)
-            decrypted.fields.extend(again.fields)
-            decrypted.values.extend(again.values)
-            decrypted.failed[:] = again.failed
-        con.register(
-            "batch_identifiers",
-            pa.table(
-                {
-                    "position": pa.array(decrypted.positions, pa.int64()),
-                    "field": pa.array(decrypted.fields, pa.string()),
-                    "value": pa.array(decrypted.values, pa.string()),
-                }
-            ),
-        )
+            again = self._decrypt_inline(con.sql(sql("identifiers", "pick")).to_arrow_table())
+            con.register("found_in", again.found)
+            _x(con, "INSERT INTO batch_identifiers SELECT * FROM found_in")
+            con.unregister("found_in")
+            failed = again.failed
         _x(con, sql("identifiers", "merge"))
 
-    def _lifecycle_inputs(self, after: int) -> _LifecycleInputs:
-        """The touches and merges of every stream whose stage history the batch changes."""
+    def _lifecycle_finish(self, folded: list[workers.Folded], seq: int) -> int:
+        """Write the refolded histories and the new changes, numbered after ``seq`` in
+        ledger-position order; return the last change seq."""
         con = self.con
-        _, _, seq = self._state()
-        _x(con, sql("lifecycle", "streams"), {"after": after})
-        _x(con, sql("lifecycle", "resume"), {"after": after})
-        resumed = _x(con, sql("lifecycle", "resumed"))
-        table = con.sql(sql("lifecycle", "touches"), params={"after": after}).to_arrow_table()
-        merges = _x(con, sql("lifecycle", "merges"))
-        return _LifecycleInputs(table, merges, seq, resumed)
-
-    def _fold(self, after: int, inputs: _LifecycleInputs) -> _Folded:
-        """Refold the stage history of customers with relevant events in the batch.
-
-        The change stream is defined per ledger position: the changes in the history
-        after position p that were not in the history after p-1, so the stream is the
-        same however the log is cut into batches. Pure Python: runs in the worker.
-        """
-        table, merges = inputs.touches, inputs.merges
-        cols = {name: table.column(name).to_pylist() for name in table.column_names}
-        edges: dict[str, list[tuple[int, str]]] = {}
-        for gone, survivor, at in merges:
-            edges.setdefault(gone, []).append((at, survivor))
-
-        def root_at(customer: str, position: int) -> str:
-            """The customer a stream belonged to just after ``position`` (merges so far)."""
-            if customer not in edges:
-                return customer
-            for _ in range(64):
-                moves = [s for at, s in edges.get(customer, ()) if at <= position]
-                if not moves:
-                    break
-                customer = moves[-1]
-            return customer
-
-        timelines: dict[str, list[lifecycle.Touch]] = {}
-        fresh: list[tuple[int, str, lifecycle.Touch | None]] = []
-        touches = map(
-            lifecycle.Touch._make,
-            zip(
-                *(
-                    cols[name]
-                    for name in (
-                        "position",
-                        "event_id",
-                        "type",
-                        "occurred_us",
-                        "form_id",
-                        "direction",
-                        "outcome",
-                        "sentiment",
-                        "satisfaction",
-                    )
-                ),
-                strict=True,
-            ),
-        )
-        for customer, touch in zip(cols["customer_id"], touches, strict=True):
-            if touch.position <= after:
-                timelines.setdefault(root_at(customer, after), []).append(touch)
-            else:
-                fresh.append((touch.position, customer, touch))
-        # Touches come in position order (projections/lifecycle.sql); merges interleave.
-        late_merges = [(at, gone, None) for gone, _, at in merges if at > after]
-        if late_merges:
-            fresh.extend(late_merges)
-            fresh.sort(key=lambda f: f[0])
-        states: dict[str, lifecycle.Fold] = {}
-        offsets: dict[str, int] = {}  # resumed customers: history steps already stored
-        for customer, stage, transitions, last_order_us, last_us, last_position in inputs.resumed:
-            state = states[customer] = lifecycle.Fold(customer)
-            state.stage = stage
-            state.last_order_us = last_order_us
-            state.last_key = None if last_us is None else (last_us, last_position)
-            offsets[customer] = transitions
-        for customer, timeline in timelines.items():
-            timeline.sort(key=lambda t: t.order_key)
-            states[customer] = lifecycle.fold(customer, timeline)
-        groups = set(timelines)
-        history: list[tuple[str, int, lifecycle.Change | None]] = []
-        emitted: list[tuple[int, int, lifecycle.Change]] = []
-        merged_away: set[str] = set()
-        for position, customer, maybe in fresh:
-            if maybe is None:  # `customer` merges into another group at `position`
-                gone, into = root_at(customer, position - 1), root_at(customer, position)
-                if gone == into or gone not in timelines:
-                    continue
-                merged_away.add(gone)
-                groups.discard(gone)
-                timeline = timelines.get(into, []) + timelines.pop(gone)
-                timeline.sort(key=lambda t: t.order_key)
-                known = {c.change_id for c in states[into].changes} if into in states else set()
-                states.pop(gone)
-                state = states[into] = lifecycle.fold(into, timeline)
-                timelines[into] = timeline
-                groups.add(into)
-                new = [c for c in state.changes if c.change_id not in known]
-            else:
-                touch = maybe
-                group = root_at(customer, position) if edges else customer
-                groups.add(group)
-                if merged_away:
-                    merged_away.discard(group)
-                listed = timelines.get(group)
-                if listed is None:
-                    listed = timelines[group] = []
-                timeline = listed
-                found = states.get(group)
-                if found is None:
-                    found = states[group] = lifecycle.Fold(group)
-                state = found
-                if state.last_key is None or (touch.occurred_us, position) > state.last_key:
-                    before = len(state.changes)
-                    state.step(touch)
-                    timeline.append(touch)
-                    new = state.changes[before:] if len(state.changes) > before else []
-                else:
-                    known = {c.change_id for c in state.changes}
-                    bisect.insort(timeline, touch, key=lambda t: t.order_key)
-                    state = states[group] = lifecycle.fold(group, timeline)
-                    new = [c for c in state.changes if c.change_id not in known]
-            if not new:
-                continue
-            for k, change in enumerate(new):
-                emitted.append((position, k, change))
-        by_customer = {g: states[g] for g in sorted(groups)}
-        appended: set[str] = set()
-        for customer, state in by_customer.items():
-            offset = offsets.get(customer)
-            if offset is not None:  # resumed: only the new steps, after the stored ones
-                if state.changes:
-                    appended.add(customer)
-                    history.extend(
-                        (customer, step, c) for step, c in enumerate(state.changes, offset + 1)
-                    )
-            elif state.changes:
-                history.extend((customer, step, c) for step, c in enumerate(state.changes, 1))
-            else:
-                history.append((customer, 0, None))
-        for customer in sorted(merged_away | (set(edges) - groups)):
-            history.append((customer, 0, None))  # merged away: no rows of its own
-        emitted.sort(key=lambda e: (e[0], e[1]))
-        return _Folded(history, emitted, appended)
-
-    def _lifecycle_finish(self, folded: _Folded, seq: int) -> int:
-        """Write the refolded histories and the new changes; return the last change seq."""
-        con = self.con
-        if not folded.history:
-            con.register("history_batch", _history_table([], set()))
-            con.register("changes_batch", _changes_table([], seq))
+        _x(con, _union_into("history_batch", con, [f.history for f in folded], self._registered))
+        _x(con, _union_into("changes_found", con, [f.changes for f in folded], self._registered))
+        _x(con, sql("lifecycle", "number"), {"seq": seq})
+        if not _x(con, "SELECT count(*) FROM history_batch")[0][0]:
             return seq
-        con.register("history_batch", _history_table(folded.history, folded.appended))
-        con.register("changes_batch", _changes_table(folded.emitted, seq))
         _x(con, sql("lifecycle", "clear"))
         _x(con, sql("lifecycle", "write"))
-        return seq + len(folded.emitted)
+        return seq + int(_x(con, "SELECT count(*) FROM changes_batch")[0][0])
 
     # ------------------------------------------------------------------ derived
 
@@ -854,26 +746,27 @@ class ProjectionRunner:
             con.close()
 
 
-class _Decrypted(NamedTuple):
-    positions: list[int]
-    fields: list[str]
-    values: list[str]
-    failed: list[tuple[str, str, int]]
+class _Pending:
+    """The Python steps of one batch under way: ``result()`` waits and returns their
+    results (one per partition), or re-raises the first failure."""
 
+    def __init__(self, wait: Callable[[], list[Any]]):
+        self.result = wait
 
-class _LifecycleInputs(NamedTuple):
-    touches: pa.Table
-    merges: list[Any]
-    seq: int
-    #: (customer, stage, transitions, last_order_us, last_occurred_us, last_position) of
-    #: the customers whose fold resumes from the stored state (lifecycle.sql `resume`).
-    resumed: list[Any]
+    @classmethod
+    def inline(cls, fn: Callable[[], list[Any]]) -> _Pending:
+        return cls(_Worker(fn).result)
 
+    @classmethod
+    def offloaded(cls, futures: list[Future[Any]]) -> _Pending:
+        def wait() -> list[Any]:
+            try:
+                return [f.result() for f in futures]
+            finally:
+                for f in futures:
+                    f.cancel()
 
-class _Folded(NamedTuple):
-    history: list[tuple[str, int, lifecycle.Change | None]]
-    emitted: list[tuple[int, int, lifecycle.Change]]
-    appended: set[str]  # customers whose history rows are new steps only
+        return cls(wait)
 
 
 class _Worker:
@@ -914,37 +807,40 @@ def _x(con: duckdb.DuckDBPyConnection, query: str, params: Any = None) -> list[A
     return con.execute(query, params).fetchall()
 
 
-def _history_table(
-    rows: list[tuple[str, int, lifecycle.Change | None]], appended: set[str]
-) -> pa.Table:
-    return pa.table(
-        {
-            "customer_id": pa.array([r[0] for r in rows], pa.string()),
-            "appended": pa.array([r[0] in appended for r in rows], pa.bool_()),
-            "step": pa.array([r[1] for r in rows], pa.int32()),
-            "change_id": pa.array([r[2].change_id if r[2] else None for r in rows], pa.string()),
-            "from_stage": pa.array([r[2].from_stage if r[2] else None for r in rows], pa.string()),
-            "to_stage": pa.array([r[2].to_stage if r[2] else None for r in rows], pa.string()),
-            "event_id": pa.array([r[2].event_id if r[2] else None for r in rows], pa.string()),
-            "event_position": pa.array(
-                [r[2].event_position if r[2] else None for r in rows], pa.int64()
-            ),
-            "occurred_at": pa.array([r[2].occurred_us if r[2] else None for r in rows], _TS),
-        }
+def _copy_parts(query: str, key: str, parts: int, directory: Path) -> str:
+    """COPY ``query`` to one Parquet directory per partition (``part=K``), rows cut by the
+    hash of ``key``; DuckDB writes the files with all its threads."""
+    target = str(directory).replace("'", "''")
+    query = query.strip().rstrip(";")
+    return (
+        f"COPY (SELECT *, hash({key}) % {parts} AS part FROM ({query})) "
+        f"TO '{target}' (FORMAT parquet, PARTITION_BY (part), OVERWRITE_OR_IGNORE)"
     )
 
 
-def _changes_table(rows: list[tuple[int, int, lifecycle.Change]], seq: int) -> pa.Table:
-    return pa.table(
-        {
-            "seq": pa.array(range(seq + 1, seq + 1 + len(rows)), pa.int64()),
-            "change_id": pa.array([c.change_id for _, _, c in rows], pa.string()),
-            "customer_id": pa.array([c.customer_id for _, _, c in rows], pa.string()),
-            "from_stage": pa.array([c.from_stage for _, _, c in rows], pa.string()),
-            "to_stage": pa.array([c.to_stage for _, _, c in rows], pa.string()),
-            "event_id": pa.array([c.event_id for _, _, c in rows], pa.string()),
-            "event_position": pa.array([c.event_position for _, _, c in rows], pa.int64()),
-            "occurred_at": pa.array([c.occurred_us for _, _, c in rows], _TS),
-            "ledger_position": pa.array([p for p, _, _ in rows], pa.int64()),
-        }
+def _by_part(query: str, customer: str, parts: int) -> str:
+    """``query``'s rows with the partition of their canonical customer as a last column
+    (the partition ``lifecycle_input`` rows of the same group are in)."""
+    query = query.strip().rstrip(";")
+    return (
+        f"SELECT q.*, hash(coalesce(a.canonical_id, q.{customer})) % {parts} "
+        f"FROM ({query}) q LEFT JOIN customer_aliases a ON a.customer_id = q.{customer}"
     )
+
+
+def _union_into(
+    name: str, con: duckdb.DuckDBPyConnection, sources: list[Any], registered: list[str]
+) -> str:
+    """The statement that makes temp table ``name`` the union of ``sources``: Arrow tables
+    (registered here and listed in ``registered``) or Parquet files."""
+    selects = []
+    for i, source in enumerate(sources):
+        if isinstance(source, Path):
+            path = str(source).replace("'", "''")
+            selects.append(f"SELECT * FROM read_parquet('{path}')")
+        else:
+            view = f"{name}_in_{i}"
+            con.register(view, source)
+            registered.append(view)
+            selects.append(f"SELECT * FROM {view}")
+    return f"CREATE OR REPLACE TEMP TABLE {name} AS " + " UNION ALL BY NAME ".join(selects)
