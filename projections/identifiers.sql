@@ -21,6 +21,7 @@ USING (
 WHERE i.customer_id = f.customer_id AND i.position < f.forgotten_at_position;
 
 -- name: candidates
+CREATE OR REPLACE TEMP TABLE id_meta (position BIGINT, customer_id VARCHAR, occurred_at TIMESTAMPTZ);
 -- id_live: the batch's events with personal data after their customer's last forget, with
 -- their ordering key (event time in microseconds * 10^12 + position).
 CREATE OR REPLACE TEMP VIEW id_live AS
@@ -71,23 +72,34 @@ GROUP BY l.customer_id, f.field;
 
 -- name: pick
 -- The candidates of one round, one row per event (fields NULL: decrypt the whole body),
--- grouped by stream (the runner holds one stream's key at a time).
+-- with what `merge` needs of the event (its canonical customer and time). Candidates are
+-- grouped before the join: grouping the joined rows would hash every ciphertext.
+CREATE OR REPLACE TEMP TABLE id_picked AS
+WITH c AS (
+    SELECT position,
+           CASE WHEN bool_or(field IS NULL) THEN NULL ELSE list(field) END AS fields,
+           any_value(customer_id) AS customer_id
+    FROM id_candidates
+    GROUP BY position
+)
 SELECT c.position, b.customer_id AS stream_id, from_base64(b.personal) AS sealed,
-       unhex(replace(CAST(b.event_id AS VARCHAR), '-', '')) AS aad,
-       CASE WHEN bool_or(c.field IS NULL) THEN NULL ELSE list(c.field) END AS fields,
-       any_value(c.customer_id) AS customer_id
-FROM id_candidates c
-JOIN batch_events b ON b.position = c.position
-GROUP BY c.position, b.customer_id, b.personal, b.event_id
-ORDER BY b.customer_id, c.position;
+       unhex(replace(CAST(b.event_id AS VARCHAR), '-', '')) AS aad, c.fields,
+       c.customer_id, b.occurred_at
+FROM c
+JOIN batch_events b ON b.position = c.position;
+INSERT INTO id_meta SELECT position, customer_id, occurred_at FROM id_picked;
+
+-- name: picked
+-- One round's events for the runner to decrypt, grouped by stream (it holds one stream's
+-- key at a time).
+SELECT position, stream_id, sealed, aad, fields, customer_id
+FROM id_picked
+ORDER BY stream_id, position;
 
 -- name: merge
+-- id_meta: the canonical customer and time of every event decrypted (`pick`, each round).
 INSERT INTO customer_identifiers
-WITH batch AS (
-    SELECT position, coalesce(a.canonical_id, b.customer_id) AS customer_id, occurred_at
-    FROM batch_events b LEFT JOIN customer_aliases a ON a.customer_id = b.customer_id
-),
-last_forget AS (
+WITH last_forget AS (
     SELECT customer_id, max(position) AS at_position
     FROM forgotten
     GROUP BY customer_id
@@ -97,7 +109,7 @@ SELECT customer_id, field,
        max(occurred_at),
        arg_max(position, epoch_us(occurred_at)::HUGEINT * 1000000000000 + position)
 FROM batch_identifiers b
-JOIN batch e USING (position)
+JOIN id_meta e USING (position)
 LEFT JOIN last_forget f USING (customer_id)
 WHERE e.position > coalesce(f.at_position, 0)
 GROUP BY customer_id, field

@@ -12,6 +12,7 @@ import duckdb
 
 from fixtures.projection_data import assert_same_tables, event, generated, project, rows
 from ledger.ledger import Ledger
+from ledger.projection.definitions import sql
 from ledger.projection.runner import ProjectionRunner
 from ledger.projection.segments import ColumnarCopy
 from ledger.settings import Settings
@@ -155,7 +156,9 @@ def test_only_the_newest_identifiers_are_decrypted_and_they_match_a_full_decrypt
                 [[str(s.path) for s in (runner.copy.chain() if runner.copy else [])]],
             )
             runner.con.execute("DELETE FROM customer_identifiers")
-            picked = runner._identifier_candidates([])
+            runner._identifier_candidates([])
+            runner.con.execute(sql("identifiers", "pick"))
+            picked = runner.con.execute("SELECT count(*) FROM id_picked").fetchall()[0][0]
             runner.con.execute("ROLLBACK")
             assert 0 < picked <= len(newest)
             assert picked < 3_000 // 4

@@ -65,14 +65,22 @@ _WARM_TABLES = (
 )
 #: Following, checkpoint a WAL of 64 MB or more once no batch came for this long.
 IDLE_CHECKPOINT_SECONDS = 2.0
-#: Events per transaction when loading from the columnar copy (whole segments).
-COPY_BATCH = 1_000_000
+#: Events per transaction when loading from the columnar copy (whole segments). Large:
+#: every per-customer step (facts merge, identifiers, lifecycle) costs per customer the
+#: batch touches, so at 10M events over 1M customers ten 1M-event batches did most of that
+#: work ten times (68k events/s) where one transaction does it once. DuckDB spills what
+#: exceeds its memory limit and the Python steps go to worker processes in partitions.
+COPY_BATCH = 20_000_000
 _HAS_MERGES = "SELECT count(*) FROM batch_events WHERE type = 'customers_merged'"
+#: DuckDB's memory limit (it spills beyond): with the two worker processes of a big batch
+#: (~300-420 MB each) the runner stays under 2 GB in all (10M events: 1.8 GB; at 1 GB the
+#: sum was 2.07 GB for the same 46 s).
+MEMORY_LIMIT = "700MB"
 #: Batches of at least this many events fold and decrypt in worker processes.
 OFFLOAD_MIN_EVENTS = 200_000
 #: Rows per partition handed to a worker process: touches to fold, events to decrypt.
-_FOLD_PART_ROWS = 250_000
-_DECRYPT_PART_ROWS = 100_000
+_FOLD_PART_ROWS = 75_000
+_DECRYPT_PART_ROWS = 50_000
 _FORGOTTEN = "SELECT DISTINCT customer_id FROM batch_events WHERE type = 'customer_forgotten'"
 
 
@@ -89,7 +97,7 @@ class ProjectionRunner:
         batch_size: int = 50_000,
         snapshot_interval: float = 5.0,
         derive_interval: float = 30.0,
-        memory_limit: str = "1GB",
+        memory_limit: str = MEMORY_LIMIT,
         columnar: Path | None = None,
         segment_min_events: int | None = None,
         settings: Settings | None = None,
@@ -322,11 +330,11 @@ class ProjectionRunner:
     def _apply_batch(self, after: int, last: int) -> None:
         """Fold ``batch_events`` (positions ``after``+1..``last``) into every table.
 
-        The Python steps (folding lifecycle stages, decrypting identifiers) run in
-        worker threads while this thread has DuckDB pick the identifiers, load
-        ``events`` and merge the customer facts (DuckDB releases the GIL while it
-        works): they read only inputs fetched before they start, and their results are
-        written after they end.
+        The Python steps (decrypting identifiers, folding lifecycle stages) run in a
+        worker thread, or for a big batch in worker processes, while this thread has
+        DuckDB load ``events`` and merge the customer facts (DuckDB releases the GIL while
+        it works): they read only inputs written before they start, and their results are
+        read after they end. Decryption starts first: it is the longer of the two.
         """
         con = self.con
         _x(con, "CREATE OR REPLACE TEMP TABLE recompute (customer_id VARCHAR)")
@@ -340,7 +348,6 @@ class ProjectionRunner:
             _x(con, sql("merges", "rekey"))
             _x(con, sql("merges", "affected"))
         _x(con, sql("events", "slices"))
-        _x(con, sql("events", "touches"), {"types": list(lifecycle.RELEVANT_TYPES)})
         forgotten = [c for (c,) in _x(con, _FORGOTTEN)]
         if forgotten:
             _x(con, sql("identifiers", "erase"), {"after": after})
@@ -348,10 +355,11 @@ class ProjectionRunner:
         offload = self._offload if last - after >= self.offload_min_events else None
         work = self._work_dir() if offload is not None else None
         try:
-            folding = self._start_fold(after, offload, work)
-            decrypting: _Pending | None = None
+            decrypting = self._start_decrypt(forgotten, offload, work)
+            folding: _Pending | None = None
             try:
-                decrypting = self._start_decrypt(forgotten, offload, work)
+                _x(con, sql("events", "touches"), {"types": list(lifecycle.RELEVANT_TYPES)})
+                folding = self._start_fold(after, offload, work)
                 if not merged:
                     _x(con, sql("events", "load"))
                 _x(con, sql("customer_360", "batch"))
@@ -361,10 +369,10 @@ class ProjectionRunner:
                     _x(con, sql("customer_360", "insert"))
             finally:
                 try:
-                    folded = folding.result()
+                    decrypted = decrypting.result()
                 finally:
-                    if decrypting is not None:
-                        decrypted = decrypting.result()
+                    if folding is not None:
+                        folded = folding.result()
             self._identifiers_finish(decrypted)
             changes = self._lifecycle_finish(folded, seq)
         finally:
@@ -446,13 +454,17 @@ class ProjectionRunner:
         con = self.con
         keys = self.ledger.keys
         self._identifier_candidates(forgotten)
+        _x(con, sql("identifiers", "pick"))
         if offload is None or work is None or self.settings is None:
-            picked = con.sql(sql("identifiers", "pick")).to_arrow_table()
+            picked = con.sql(sql("identifiers", "picked")).to_arrow_table()
             return _Pending.inline(lambda: [self._decrypt_inline(picked)])
-        pick = sql("identifiers", "pick").strip().rstrip(";")
-        _x(con, f"CREATE OR REPLACE TEMP TABLE id_picked AS {pick}")
         parts = self._parts("id_picked", _DECRYPT_PART_ROWS)
-        _x(con, _copy_parts("SELECT * FROM id_picked", "stream_id", parts, work / "picked"))
+        _x(
+            con,
+            _copy_parts(
+                "SELECT * EXCLUDE (occurred_at) FROM id_picked", "stream_id", parts, work / "picked"
+            ),
+        )
         return _Pending.offloaded(
             [
                 offload.decrypt(
@@ -462,14 +474,13 @@ class ProjectionRunner:
             ]
         )
 
-    def _identifier_candidates(self, forgotten: list[str]) -> int:
-        """Choose the events to decrypt (temp table ``id_candidates``); return how many."""
+    def _identifier_candidates(self, forgotten: list[str]) -> None:
+        """Choose the events to decrypt (temp table ``id_candidates``)."""
         # A forget destroys the key; a later event for the customer gets a new one, so a
         # cached old key must not be used for the rows after it.
         for customer in forgotten:
             self.ledger.keys.drop(customer)
         _x(self.con, sql("identifiers", "candidates"))
-        return int(_x(self.con, "SELECT count(DISTINCT position) FROM id_candidates")[0][0])
 
     def _decrypt_inline(self, picked: pa.Table) -> workers.Decrypted:
         # Follow mode's small batches keep the key cache: their customers come back.
@@ -505,7 +516,8 @@ class ProjectionRunner:
             _x(con, "DELETE FROM id_failed; INSERT INTO id_failed SELECT * FROM id_failed_in")
             con.unregister("id_failed_in")
             _x(con, sql("identifiers", "retry"))
-            again = self._decrypt_inline(con.sql(sql("identifiers", "pick")).to_arrow_table())
+            _x(con, sql("identifiers", "pick"))
+            again = self._decrypt_inline(con.sql(sql("identifiers", "picked")).to_arrow_table())
             con.register("found_in", again.found)
             _x(con, "INSERT INTO batch_identifiers SELECT * FROM found_in")
             con.unregister("found_in")
@@ -814,7 +826,9 @@ def _copy_parts(query: str, key: str, parts: int, directory: Path) -> str:
     query = query.strip().rstrip(";")
     return (
         f"COPY (SELECT *, hash({key}) % {parts} AS part FROM ({query})) "
-        f"TO '{target}' (FORMAT parquet, PARTITION_BY (part), OVERWRITE_OR_IGNORE)"
+        f"TO '{target}' (FORMAT parquet, PARTITION_BY (part), OVERWRITE_OR_IGNORE, "
+        # Read once, soon, from the page cache; ciphertext does not compress anyway.
+        "COMPRESSION uncompressed)"
     )
 
 
