@@ -157,6 +157,8 @@ LEFT JOIN tickets t ON t.customer_id = b.customer_id
 LEFT JOIN consent c ON c.customer_id = b.customer_id;
 DELETE FROM customer_facts WHERE customer_id IN (SELECT customer_id FROM facts_new);
 INSERT INTO customer_facts SELECT * FROM facts_new;
+DROP TABLE facts_new;
+DROP TABLE facts_batch;
 
 -- name: refresh
 -- Customers re-keyed by a merge: dropped here, recomputed whole by `insert`.

@@ -88,6 +88,7 @@ SELECT c.position, b.customer_id AS stream_id, from_base64(b.personal) AS sealed
 FROM c
 JOIN batch_events b ON b.position = c.position;
 INSERT INTO id_meta SELECT position, customer_id, occurred_at FROM id_picked;
+DROP TABLE id_candidates;
 
 -- name: picked
 -- One round's events for the runner to decrypt, grouped by stream (it holds one stream's
@@ -98,23 +99,32 @@ ORDER BY stream_id, position;
 
 -- name: merge
 -- id_meta: the canonical customer and time of every event decrypted (`pick`, each round).
-INSERT INTO customer_identifiers
+-- The batch's newest value per (customer, field) replaces the stored one if newer (event
+-- time, ties by position). One row per (customer, field) holds by construction: the table
+-- has no PRIMARY KEY because ON CONFLICT through DuckDB's key index took 4 s for the 2.2M
+-- rows of a 10M-event rebuild, this DELETE + INSERT 0.1 s.
+CREATE OR REPLACE TEMP TABLE id_newest AS
 WITH last_forget AS (
     SELECT customer_id, max(position) AS at_position
     FROM forgotten
     GROUP BY customer_id
 )
 SELECT customer_id, field,
-       arg_max(value, epoch_us(occurred_at)::HUGEINT * 1000000000000 + position),
-       max(occurred_at),
+       arg_max(value, epoch_us(occurred_at)::HUGEINT * 1000000000000 + position) AS value,
+       max(occurred_at) AS occurred_at,
        arg_max(position, epoch_us(occurred_at)::HUGEINT * 1000000000000 + position)
+           AS position
 FROM batch_identifiers b
 JOIN id_meta e USING (position)
 LEFT JOIN last_forget f USING (customer_id)
 WHERE e.position > coalesce(f.at_position, 0)
-GROUP BY customer_id, field
-ON CONFLICT (customer_id, field) DO UPDATE SET
-    value = excluded.value, occurred_at = excluded.occurred_at, position = excluded.position
-WHERE excluded.occurred_at > customer_identifiers.occurred_at
-   OR (excluded.occurred_at = customer_identifiers.occurred_at
-       AND excluded.position > customer_identifiers.position);
+GROUP BY customer_id, field;
+DELETE FROM customer_identifiers i USING id_newest n
+WHERE i.customer_id = n.customer_id AND i.field = n.field
+  AND (n.occurred_at > i.occurred_at
+       OR (n.occurred_at = i.occurred_at AND n.position > i.position));
+INSERT INTO customer_identifiers
+SELECT n.* FROM id_newest n
+WHERE NOT EXISTS (SELECT 1 FROM customer_identifiers i
+                  WHERE i.customer_id = n.customer_id AND i.field = n.field);
+DROP TABLE id_newest;

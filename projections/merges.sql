@@ -58,12 +58,15 @@ FROM customer_identifiers i JOIN merge_moved m ON i.customer_id = m.customer_id
 GROUP BY ALL;
 DELETE FROM customer_identifiers
 WHERE customer_id IN (SELECT customer_id FROM merge_moved);
-INSERT INTO customer_identifiers SELECT * FROM identifiers_moved
-ON CONFLICT (customer_id, field) DO UPDATE SET
-    value = excluded.value, occurred_at = excluded.occurred_at, position = excluded.position
-WHERE excluded.occurred_at > customer_identifiers.occurred_at
-   OR (excluded.occurred_at = customer_identifiers.occurred_at
-       AND excluded.position > customer_identifiers.position);
+-- The newer of the moved value and the group's own value wins (identifiers.sql `merge`).
+DELETE FROM customer_identifiers i USING identifiers_moved n
+WHERE i.customer_id = n.customer_id AND i.field = n.field
+  AND (n.occurred_at > i.occurred_at
+       OR (n.occurred_at = i.occurred_at AND n.position > i.position));
+INSERT INTO customer_identifiers
+SELECT n.* FROM identifiers_moved n
+WHERE NOT EXISTS (SELECT 1 FROM customer_identifiers i
+                  WHERE i.customer_id = n.customer_id AND i.field = n.field);
 -- A forget of any member erases the group's identifiers recorded before it.
 DELETE FROM customer_identifiers i
 USING (

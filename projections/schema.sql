@@ -104,8 +104,7 @@ CREATE TABLE IF NOT EXISTS customer_identifiers (
     field            VARCHAR NOT NULL,
     value            VARCHAR NOT NULL,
     occurred_at      TIMESTAMPTZ NOT NULL,
-    position         BIGINT NOT NULL,
-    PRIMARY KEY (customer_id, field)
+    position         BIGINT NOT NULL       -- one row per (customer_id, field), by construction
 );
 
 CREATE TABLE IF NOT EXISTS customer_facts (
@@ -256,7 +255,7 @@ CREATE TABLE IF NOT EXISTS customer_aliases (
 
 -- The layout version (runner.LAYOUT_VERSION): a file of another layout needs --rebuild.
 CREATE TABLE IF NOT EXISTS projection_layout (version INTEGER NOT NULL);
-INSERT INTO projection_layout SELECT 5 WHERE NOT EXISTS (SELECT 1 FROM projection_layout);
+INSERT INTO projection_layout SELECT 6 WHERE NOT EXISTS (SELECT 1 FROM projection_layout);
 
 INSERT INTO projection_state VALUES (1, 0, 0, NULL) ON CONFLICT DO NOTHING;
 INSERT INTO derived_state VALUES (1, 0, NULL) ON CONFLICT DO NOTHING;

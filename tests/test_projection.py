@@ -316,6 +316,11 @@ def test_rebuild_equals_incremental(
             n_buyers = rebuilt.con.execute("SELECT count(*) FROM rfm").fetchall()[0][0]
             assert n_buyers >= 20  # the data set exercises the BG/NBD fit
             assert_same_tables(incremental.con, rebuilt.con)
+        # customer_identifiers has no key index: one row per (customer, field) by its SQL.
+        assert incremental.con.execute(
+            "SELECT count(*) FROM (SELECT customer_id, field FROM customer_identifiers "
+            "GROUP BY ALL HAVING count(*) > 1)"
+        ).fetchall() == [(0,)]
         incremental.close()
 
 
