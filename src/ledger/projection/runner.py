@@ -323,18 +323,18 @@ class ProjectionRunner:
         return last
 
     def _unregister(self) -> None:
-        for name in ("batch_raw", *self._registered):
+        for name in ("batch_raw", "churn_in", "model_in", *self._registered):
             self.con.unregister(name)
         self._registered.clear()
 
     def _apply_batch(self, after: int, last: int) -> None:
         """Fold ``batch_events`` (positions ``after``+1..``last``) into every table.
 
-        The Python steps (decrypting identifiers, folding lifecycle stages) run in a
+        The Python steps (folding lifecycle stages, decrypting identifiers) run in a
         worker thread, or for a big batch in worker processes, while this thread has
         DuckDB load ``events`` and merge the customer facts (DuckDB releases the GIL while
         it works): they read only inputs written before they start, and their results are
-        read after they end. Decryption starts first: it is the longer of the two.
+        read after they end.
         """
         con = self.con
         _x(con, "CREATE OR REPLACE TEMP TABLE recompute (customer_id VARCHAR)")
@@ -355,11 +355,11 @@ class ProjectionRunner:
         offload = self._offload if last - after >= self.offload_min_events else None
         work = self._work_dir() if offload is not None else None
         try:
-            decrypting = self._start_decrypt(forgotten, offload, work)
-            folding: _Pending | None = None
+            _x(con, sql("events", "touches"), {"types": list(lifecycle.RELEVANT_TYPES)})
+            folding = self._start_fold(after, offload, work)
+            decrypting: _Pending | None = None
             try:
-                _x(con, sql("events", "touches"), {"types": list(lifecycle.RELEVANT_TYPES)})
-                folding = self._start_fold(after, offload, work)
+                decrypting = self._start_decrypt(forgotten, offload, work)
                 if not merged:
                     _x(con, sql("events", "load"))
                 _x(con, sql("customer_360", "batch"))
@@ -367,12 +367,18 @@ class ProjectionRunner:
                 if merged:
                     _x(con, sql("customer_360", "refresh"))
                     _x(con, sql("customer_360", "insert"))
+                if offload is not None and not self._background and last >= self.ledger.position:
+                    # The batch that catches up: rfm and churn read neither identifiers nor
+                    # stages, so compute them now, while the worker processes finish,
+                    # rather than after the commit (refresh_derived then has nothing to do).
+                    # Not while following: there the maintenance thread owns those tables.
+                    self._derive(con, last)
             finally:
                 try:
-                    decrypted = decrypting.result()
+                    folded = folding.result()
                 finally:
-                    if folding is not None:
-                        folded = folding.result()
+                    if decrypting is not None:
+                        decrypted = decrypting.result()
             self._identifiers_finish(decrypted)
             changes = self._lifecycle_finish(folded, seq)
         finally:
@@ -565,17 +571,7 @@ class ProjectionRunner:
             if derived == position and not force:
                 _x(con, "ROLLBACK")
                 return False
-            row = _x(
-                con,
-                "SELECT coalesce((SELECT as_of_setting FROM projection_state), "
-                "(SELECT max(occurred_at) FROM events))",
-            )[0]
-            as_of = row[0] if row else None
-            _x(con, "DELETE FROM rfm; DELETE FROM churn_risk; DELETE FROM churn_model")
-            if as_of is not None:
-                _x(con, sql("rfm", "compute"), {"as_of": as_of})
-                self._churn(con, as_of, position)
-            _x(con, "UPDATE derived_state SET derived_position = ?, as_of = ?", [position, as_of])
+            self._derive(con, position)
             _x(con, "COMMIT")
         except BaseException:
             _x(con, "ROLLBACK")
@@ -586,6 +582,21 @@ class ProjectionRunner:
         self._derived_at = time.monotonic()
         self._dirty = True
         return True
+
+    def _derive(self, con: duckdb.DuckDBPyConnection, position: int) -> None:
+        """Recompute rfm, churn_risk and churn_model as of ``position`` (in the caller's
+        transaction)."""
+        row = _x(
+            con,
+            "SELECT coalesce((SELECT as_of_setting FROM projection_state), "
+            "(SELECT max(occurred_at) FROM events))",
+        )[0]
+        as_of = row[0] if row else None
+        _x(con, "DELETE FROM rfm; DELETE FROM churn_risk; DELETE FROM churn_model")
+        if as_of is not None:
+            _x(con, sql("rfm", "compute"), {"as_of": as_of})
+            self._churn(con, as_of, position)
+        _x(con, "UPDATE derived_state SET derived_position = ?, as_of = ?", [position, as_of])
 
     def _churn(self, con: duckdb.DuckDBPyConnection, as_of: dt.datetime, position: int) -> None:
         summary = con.sql(sql("churn", "summary"), params={"as_of": as_of}).to_arrow_table()
