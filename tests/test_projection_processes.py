@@ -3,6 +3,7 @@ analysts querying and subscribing while `ledger project --follow` writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import psutil
 import pytest
 
 from fixtures.projection_data import assert_same_tables, generated, project
@@ -53,14 +55,27 @@ def _last_write(path: Path) -> float:
     return max(times, default=0.0)
 
 
+def _workers_of(home: Path) -> list[psutil.Process]:
+    """Processes still running with this test's LEDGER_HOME (a runner's workers inherit it)."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.pid != os.getpid() and proc.environ().get("LEDGER_HOME") == str(home):
+                found.append(proc)
+    return found
+
+
+@pytest.mark.parametrize("offload", [False, True])
 def test_sigkill_at_random_points_then_resume_counts_once(
-    sqlite_settings: Settings, tmp_path: Path
+    sqlite_settings: Settings, tmp_path: Path, offload: bool
 ) -> None:
     total = 3_000
     with Ledger.open(sqlite_settings) as ledger:
         assert not ledger.append(generated(total, 150)).rejected
     rng = random.Random(KILL_SEED)
     env = _env(sqlite_settings)
+    if offload:  # every batch folds and decrypts in worker processes
+        env["LEDGER_PROJECTION_OFFLOAD_EVENTS"] = "1"
     path = sqlite_settings.projections_path
     kills_midway = 0
     seen: list[int] = []
@@ -78,7 +93,8 @@ def test_sigkill_at_random_points_then_resume_counts_once(
         while _last_write(path) < started and proc.poll() is None:
             assert time.monotonic() < deadline, "the runner never started writing"
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.05, 0.8))
+        # Offloaded, the first batch also starts the worker processes (1-2 s).
+        time.sleep(rng.uniform(1.0, 5.0) if offload else rng.uniform(0.05, 0.8))
         if proc.poll() is not None:
             break  # it finished before the kill: nothing left to interrupt
         proc.send_signal(signal.SIGKILL)
@@ -96,6 +112,12 @@ def test_sigkill_at_random_points_then_resume_counts_once(
     )
     assert final.returncode == 0, final.stderr
     assert kills_midway >= 2, f"kills did not land mid-way often enough: {seen}"
+    # A killed runner's worker processes exit with it, and its scratch files are gone.
+    assert not list(path.parent.glob(f".{path.name}.work-*"))
+    deadline = time.monotonic() + 10
+    while _workers_of(sqlite_settings.home) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _workers_of(sqlite_settings.home)
     assert seen == sorted(seen), "a restart must never go back in the log"
     with (
         Ledger.open(sqlite_settings) as ledger,

@@ -132,6 +132,10 @@ class ProjectionRunner:
                 f"cannot open the projections at {self.path}: {exc} "
                 "(is another `ledger project` running?)"
             ) from None
+        # Scratch files of a runner of this file killed mid-batch (it is not alive: this
+        # runner holds the file's lock).
+        for stale in self.path.parent.glob(f".{self.path.name}.work-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         _x(self.con, "SET TimeZone = 'UTC'")
         _x(self.con, f"SET memory_limit = '{memory_limit}'")
         self._check_layout()
@@ -172,6 +176,7 @@ class ProjectionRunner:
         """The runner of ``ledger project``: snapshot, socket and columnar copy beside the
         ledger (pass ``columnar=None`` to bypass the copy)."""
         options.setdefault("columnar", columnar_path(settings))
+        options.setdefault("offload_min_events", settings.projection_offload_events)
         return cls(
             ledger,
             settings.projections_path,
@@ -394,7 +399,7 @@ class ProjectionRunner:
 
     def _work_dir(self) -> Path:
         """A scratch directory beside the projections for one offloaded batch's files."""
-        work = self.path.parent / f".projection-work-{os.getpid()}"
+        work = self.path.parent / f".{self.path.name}.work-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         return work

@@ -17,6 +17,8 @@ import bisect
 import gc
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
@@ -391,6 +393,16 @@ WORKER_NICENESS = 10
 
 def _start_worker() -> None:
     os.nice(WORKER_NICENESS)
+    # A runner killed by SIGKILL cannot stop its pool, and a worker waiting for work holds
+    # both ends of its task queue, so it would wait forever: leave when the parent is gone.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
     # A partition allocates hundreds of thousands of objects and no cycles worth chasing:
     # the collector's passes took ~40 % of a fold. `_release` collects after each one.
     gc.disable()
