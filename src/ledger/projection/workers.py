@@ -326,18 +326,23 @@ def _decrypt_part(picked_dir: Path, keys: kr.Keyring, settings: Settings, out: P
     picked = _read_part(picked_dir, ["stream_id", "position"])
     if picked is None:
         return Decrypted(_found_table([], [], []), [])
-    store = _stores.get(settings.home.as_posix() + (settings.store_url or ""))
-    if store is None:
-        store = _stores[settings.home.as_posix() + (settings.store_url or "")] = open_store(
-            settings
-        )
-        atexit.register(store.close)
+    store = _store_for(settings)
     picked = picked.select(["position", "stream_id", "sealed", "aad", "fields", "customer_id"])
     decrypted = decrypt(picked, keys, store.read_wrapped_keys, cache=False)
     pq.write_table(decrypted.found, out)
     del picked
     _release()
     return Decrypted(out, decrypted.failed)
+
+
+def _store_for(settings: Settings) -> EventStore:
+    """The ledger's store, opened once per worker process (for its wrapped keys)."""
+    where = settings.store_url or settings.home.as_posix()
+    store = _stores.get(where)
+    if store is None:
+        store = _stores[where] = open_store(settings)
+        atexit.register(store.close)
+    return store
 
 
 def _found_table(positions: list[int], fields: list[str], values: list[str]) -> pa.Table:
