@@ -541,6 +541,7 @@ class ProjectionRunner:
             con.unregister("found_in")
             failed = again.failed
         _x(con, sql("identifiers", "merge"))
+        _x(con, "DROP TABLE id_meta; DROP TABLE batch_identifiers; DROP TABLE id_failed")
 
     def _lifecycle_finish(self, folded: list[workers.Folded], seq: int) -> int:
         """Write the refolded histories and the new changes, numbered after ``seq`` in
@@ -549,11 +550,13 @@ class ProjectionRunner:
         _x(con, _union_into("history_batch", con, [f.history for f in folded], self._registered))
         _x(con, _union_into("changes_found", con, [f.changes for f in folded], self._registered))
         _x(con, sql("lifecycle", "number"), {"seq": seq})
-        if not _x(con, "SELECT count(*) FROM history_batch")[0][0]:
-            return seq
-        _x(con, sql("lifecycle", "clear"))
-        _x(con, sql("lifecycle", "write"))
-        return seq + int(_x(con, "SELECT count(*) FROM changes_batch")[0][0])
+        if _x(con, "SELECT count(*) FROM history_batch")[0][0]:
+            _x(con, sql("lifecycle", "clear"))
+            _x(con, sql("lifecycle", "write"))
+            seq += int(_x(con, "SELECT count(*) FROM changes_batch")[0][0])
+        for table in ("history_batch", "changes_found", "changes_batch", "lifecycle_resume"):
+            _x(con, f"DROP TABLE {table}")
+        return seq
 
     # ------------------------------------------------------------------ derived
 
