@@ -346,3 +346,31 @@ def test_counts_add_up_on_generated_data(sqlite_settings: Settings, tmp_path: Pa
             assert con.execute(
                 "SELECT count(*) FROM customer_360 WHERE churn_risk IS NULL"
             ).fetchall() == [(0,)]
+
+
+def test_a_big_batch_says_what_it_is_doing(sqlite_settings: Settings, tmp_path: Path) -> None:
+    with Ledger.open(sqlite_settings) as ledger:
+        assert not ledger.append(generated(1_000, 60)).rejected
+        runner = ProjectionRunner(
+            ledger,
+            tmp_path / "p.duckdb",
+            settings=sqlite_settings,
+            offload_min_events=1,
+            processes=2,
+        )
+        phases: list[str] = []
+        runner.on_phase = phases.append
+        runner.run()
+        runner.close()
+    # In the order `ledger project` shows them beside its bar, for the one batch.
+    expected = [
+        "choosing lifecycle touches and identifiers",
+        "loading events, merging customer facts",
+        "computing RFM and churn risk",
+        "folding lifecycle stages, decrypting identifiers",
+        "writing identifiers and lifecycle history",
+        "committing",
+    ]
+    assert phases[: len(expected)] == expected
+    # rfm/churn were computed inside the batch: refresh_derived had nothing left to do.
+    assert phases[len(expected) :] == ["computing RFM and churn risk"]

@@ -107,7 +107,19 @@ def project(
             task = bar.add_task("projecting", total=max(ledger.position - start, 0))
 
             def on_progress(position: int, head: int) -> None:
-                bar.update(task, completed=position - start, total=max(head - start, 1))
+                bar.update(
+                    task,
+                    completed=position - start,
+                    total=max(head - start, 1),
+                    description="projecting",
+                )
+
+            def on_phase(what: str) -> None:
+                # One batch of a rebuild can take a minute: say what it is doing.
+                bar.update(task, description=f"projecting: {what}")
+
+            if not follow:
+                runner.on_phase = on_phase
 
             if follow:
                 err_console.print(
@@ -116,6 +128,7 @@ def project(
                 runner.follow(stop, on_progress=on_progress)
             else:
                 runner.run(on_progress=on_progress, stop=stop)
+                bar.update(task, description="projected")
         end = runner.position
         console.print(
             f"projections at position {end:,} ({end - start:,} events applied); "

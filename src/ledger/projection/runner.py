@@ -112,6 +112,8 @@ class ProjectionRunner:
         self.offload_min_events = offload_min_events
         self._offload = workers.Offload(processes or os.cpu_count() or 1)
         self._registered: list[str] = []
+        #: Told what a long batch is doing (``ledger project`` shows it beside its bar).
+        self.on_phase: Callable[[str], None] | None = None
         self.copy: ColumnarCopy | None = None
         if columnar is not None:
             self.copy = ColumnarCopy(columnar, ledger)
@@ -291,6 +293,7 @@ class ProjectionRunner:
         _x(self.con, "BEGIN")
         try:
             yield
+            self._phase("committing")
             _x(self.con, "COMMIT")
         except BaseException:
             _x(self.con, "ROLLBACK")
@@ -360,11 +363,13 @@ class ProjectionRunner:
         offload = self._offload if last - after >= self.offload_min_events else None
         work = self._work_dir() if offload is not None else None
         try:
+            self._phase("choosing lifecycle touches and identifiers")
             _x(con, sql("events", "touches"), {"types": list(lifecycle.RELEVANT_TYPES)})
             folding = self._start_fold(after, offload, work)
             decrypting: _Pending | None = None
             try:
                 decrypting = self._start_decrypt(forgotten, offload, work)
+                self._phase("loading events, merging customer facts")
                 if not merged:
                     _x(con, sql("events", "load"))
                 _x(con, sql("customer_360", "batch"))
@@ -377,13 +382,16 @@ class ProjectionRunner:
                     # stages, so compute them now, while the worker processes finish,
                     # rather than after the commit (refresh_derived then has nothing to do).
                     # Not while following: there the maintenance thread owns those tables.
+                    self._phase("computing RFM and churn risk")
                     self._derive(con, last)
             finally:
+                self._phase("folding lifecycle stages, decrypting identifiers")
                 try:
                     folded = folding.result()
                 finally:
                     if decrypting is not None:
                         decrypted = decrypting.result()
+            self._phase("writing identifiers and lifecycle history")
             self._identifiers_finish(decrypted)
             changes = self._lifecycle_finish(folded, seq)
         finally:
@@ -391,6 +399,10 @@ class ProjectionRunner:
                 shutil.rmtree(work, ignore_errors=True)
         _x(con, sql("customer_360", "refresh_affected"))
         _x(con, "UPDATE projection_state SET position = ?, changes = ?", [last, changes])
+
+    def _phase(self, what: str) -> None:
+        if self.on_phase is not None:
+            self.on_phase(what)
 
     def _use_threads(self, threads: int) -> None:
         if threads != self._threads_now:
@@ -694,8 +706,10 @@ class ProjectionRunner:
             if self._dirty:
                 self.publish()
             return applied
+        self._phase("computing RFM and churn risk")
         self.refresh_derived()
-        if self._dirty or (self.snapshot_to is not None and not self.snapshot_to.exists()):
+        if self.snapshot_to is not None and (self._dirty or not self.snapshot_to.exists()):
+            self._phase("publishing the snapshot")
             self.publish()
         return applied
 
