@@ -55,8 +55,12 @@ class Server:
         store_url: str | None = None,
         port: int | None = None,
         env: dict[str, str] | None = None,
+        workers: int = 1,
+        args: tuple[str, ...] = (),
     ):
         self.home = home
+        self.workers = workers
+        self.args = args
         self.store_url = store_url
         self.env = env
         self.port = port or free_port()
@@ -65,7 +69,12 @@ class Server:
 
     def start(self) -> Server:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ledger", "serve", "--port", str(self.port)],
+            [
+                sys.executable,
+                *("-m", "ledger", "serve", "--port", str(self.port)),
+                *(("--workers", str(self.workers)) if self.workers > 1 else ()),
+                *self.args,
+            ],
             env=cli_env(self.home, self.store_url, self.env),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

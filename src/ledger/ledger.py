@@ -287,6 +287,7 @@ class Ledger:
         *,
         tracking: Sequence[Tracking] = (),
         also: Callable[[Any], None] | None = None,
+        check: Callable[[Any], Sequence[Event] | None] | None = None,
     ) -> AppendResult:
         """Append already-validated events (one transaction).
 
@@ -294,22 +295,25 @@ class Ledger:
         events are written and before the commit, so what it writes commits with them or
         not at all (the collector's identity graph). It may be called more than once when
         a busy database makes the append retry: each call is in a fresh transaction.
+
+        ``check``, if given, is called the same way but first, before anything is read or
+        written: with the writer lock held, it may return other (validated) events to
+        append instead of ``events`` (the collector's workers re-resolve a group whose
+        identity graph another process changed), or None to go on with ``events``.
         """
-        in_batch_repeats = 0
-        unique: dict[bytes, tuple[Event, dict[str, Any], dict[str, Any]]] = {}
-        for event in events:
-            key = event["event_id"].bytes
-            if key in unique:
-                in_batch_repeats += 1
-            else:
-                unique[key] = (event, *_split_personal(event))
-        if not unique and not tracking and also is None:
+        unique, in_batch_repeats = _unique(events)
+        if not unique and not tracking and also is None and check is None:
             return AppendResult(duplicates=in_batch_repeats)
         for attempt in range(5):
             # A fresh result per attempt: a rolled-back attempt must not leave counts behind.
             result = AppendResult(duplicates=in_batch_repeats)
             try:
                 with self.store.write() as session:
+                    if check is not None:
+                        instead = check(session.connection)
+                        if instead is not None:
+                            unique, in_batch_repeats = _unique(instead)
+                            result.duplicates = in_batch_repeats
                     self._append_locked(session, unique, result, tracking)
                     if also is not None:
                         also(session.connection)
@@ -725,6 +729,22 @@ def _check_row(row: StoredRow, expected_seq: int, prev: str) -> tuple[str | None
             digest,
         )
     return None, digest
+
+
+def _unique(
+    events: Sequence[Event],
+) -> tuple[dict[bytes, tuple[Event, dict[str, Any], dict[str, Any]]], int]:
+    """Events by event id (first occurrence, split into clear and personal parts), and how
+    many repeats of an id the batch itself held."""
+    repeats = 0
+    unique: dict[bytes, tuple[Event, dict[str, Any], dict[str, Any]]] = {}
+    for event in events:
+        key = event["event_id"].bytes
+        if key in unique:
+            repeats += 1
+        else:
+            unique[key] = (event, *_split_personal(event))
+    return unique, repeats
 
 
 def _split_personal(event: Event) -> tuple[dict[str, Any], dict[str, Any]]:

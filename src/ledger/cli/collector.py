@@ -194,19 +194,45 @@ def serve(
     access_log: Annotated[
         bool, typer.Option(help="Log each request (client addresses are personal data).")
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Collector processes (embedded SQLite ledger only). One process uses one "
+            "core; N share the port (connections handed out in turn) and the ledger, take "
+            "turns to append, and check each identity resolution under the ledger's write "
+            "lock, so acknowledgements, one customer per identifier, merges, limits and "
+            "forget stay exact. Worth it up to the number of cores.",
+        ),
+    ] = 1,
 ) -> None:
     """Run the HTTP collector: Segment-compatible /v1/* and provider webhooks, into the ledger.
 
     With LEDGER_KAFKA set, events go to the touchpoints topic instead (answered after the
-    broker's acknowledgement); the ingest worker appends them.
+    broker's acknowledgement); the ingest worker appends them. Every 2xx follows the commit
+    (or the broker's acknowledgement) of its events.
     """
     import uvicorn
 
     from ledger.collector.app import create_app, open_collector
 
     settings = Settings()
+    limits = parse_limits(limit or [])
+    if workers > 1:
+        from ledger.collector.workers import serve_workers
+
+        status = serve_workers(
+            settings,
+            limits,
+            host,
+            port,
+            workers,
+            access_log,
+            announce=lambda line: err_console.print(line, highlight=False),
+        )
+        raise typer.Exit(status)
     # Opened here, not at server startup, so a problem is a one-line error, not a traceback.
-    collector = open_collector(settings, parse_limits(limit or []))
+    collector = open_collector(settings, limits)
     app = create_app(settings, collector=collector)
     # Every request makes thousands of short-lived objects; with the default thresholds the
     # garbage collector rescans the long-lived ones (modules, the identity graph's cache)

@@ -49,7 +49,7 @@ from ledger.collector.wire import (
 )
 from ledger.contract import MAX_EVENT_BYTES
 from ledger.deadletter import DeadLetters
-from ledger.ledger import Ledger
+from ledger.ledger import Ledger, LedgerError
 from ledger.publisher import Publisher
 from ledger.settings import Settings
 
@@ -126,12 +126,22 @@ def routes() -> list[Route]:
     return out + webhooks.routes()
 
 
-def open_collector(settings: Settings, limits: dict[str, int] | None = None) -> Collector:
+def open_collector(
+    settings: Settings, limits: dict[str, int] | None = None, *, shared: bool = False
+) -> Collector:
     """Open everything the routes need; raises LedgerError (a sentence) when something can't.
 
     Claims the ledger for this collector first: the identity graph is resolved by one
-    writer, so a second collector on the same ledger is refused.
+    writer, so a second collector on the same ledger is refused. ``shared``: one of the
+    workers of ``ledger serve --workers N`` (embedded SQLite ledger only): they share
+    the claim, take turns to append, and check each group's identity resolution under
+    the ledger's write lock (see :mod:`ledger.collector.identity`).
     """
+    if shared and settings.kafka:
+        raise LedgerError(
+            "collector workers append to the embedded ledger only; with LEDGER_KAFKA set run "
+            "one collector process (--workers 1)"
+        )
     # The graph's own connection reads the graph; its changes ride in the ledger's append
     # transaction (embedded mode: they commit with their events, synced by the ledger, or
     # not at all). In the distributed mode it commits them after the broker's ack, without
@@ -141,15 +151,16 @@ def open_collector(settings: Settings, limits: dict[str, int] | None = None) -> 
     db = CollectorDB(settings, durable=False)
     closers: list[Callable[[], None]] = [db.close]
     try:
-        db.claim_single_writer()
+        db.claim_single_writer(shared=shared)
         sink: Sink
         if settings.kafka:
             # Distributed mode: the ingest worker appends from the topic; 2xx after the ack.
             sink = KafkaSink(Publisher(settings))
         else:
-            sink = LedgerSink(Ledger.open(settings))
+            turns = settings.home / "collector-append.lock" if shared else None
+            sink = LedgerSink(Ledger.open(settings), turns)
         closers.append(sink.close)
-        resolver = GraphResolver(db, Pseudonyms(identity_key(settings)), limits)
+        resolver = GraphResolver(db, Pseudonyms(identity_key(settings)), limits, shared=shared)
         # Key checks get their own connection: the event loop must never wait on the writer.
         keys_db = CollectorDB(settings)
         closers.append(keys_db.close)

@@ -111,14 +111,23 @@ class CollectorDB:
             for statement in statements:
                 self.execute(statement)
 
-    def claim_single_writer(self) -> None:
+    def claim_single_writer(self, *, shared: bool = False) -> None:
         """Hold, for this connection's life, the right to be the ledger's only collector.
 
         SQLite: an exclusive ``flock`` on ``$LEDGER_HOME/collector.lock``; PostgreSQL: a
         session advisory lock. Both vanish with the process, so a crash never leaves a
         stale claim behind.
+
+        ``shared``: a worker of ``ledger serve --workers N`` (SQLite only), which checks its
+        identity resolutions under the ledger's write lock: any number of those may share
+        the ledger (a shared ``flock``), but not with a single collector trusting its cache.
         """
         if self.postgres:
+            if shared:
+                raise LedgerError(
+                    "collector workers share a SQLite ledger only; with PostgreSQL run one "
+                    "collector process (--workers 1)"
+                )
             held = self.query("SELECT pg_try_advisory_lock(?)", [_ADVISORY_KEY])[0][0]
             if not held:
                 raise LedgerError(
@@ -129,12 +138,13 @@ class CollectorDB:
         path = self._home / "collector.lock"
         handle = path.open("a")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
             raise LedgerError(
                 f"another collector is already serving the ledger at {self.location} "
-                f"(it holds {path}); run one collector per ledger"
+                f"(it holds {path}); run one collector per ledger, or several only as "
+                "`ledger serve --workers N`"
             ) from None
         self._claim = handle
 

@@ -33,7 +33,17 @@ events that depend on them: inside the ledger's append transaction in the
 embedded mode (``writer``: both commit, or neither), in a transaction of their
 own after the broker's acknowledgement in the distributed one (``commit``). If
 the append fails they are dropped, and a retried request resolves the same way
-again. The graph is cached in memory: run one collector process per ledger.
+again.
+
+The graph is cached in memory. One collector process (``ledger serve``) trusts its
+cache. Several (``ledger serve --workers N``, ``shared=True``) each resolve from
+their own cache, then, holding the ledger's write lock, check what the resolution
+read against the tables before anything is written (:meth:`GraphResolver.fresh`):
+the owner of every identifier the group looked up and the identifier counts of
+every customer it linked to, merged or minted. When another process changed any of
+them, the cache is dropped and the group resolved again while the lock is still
+held, so two processes that see the same new identifier at once make one customer,
+and limits and merges are decided on the graph as committed.
 """
 
 from __future__ import annotations
@@ -231,15 +241,31 @@ def graph_group(db: CollectorDB, customer_id: str) -> list[str] | None:
     ]
 
 
+_INSERT_CUSTOMER = "INSERT INTO collector_customers (customer_id, created_seq, created_at)"
+
+
 def _derived_id(*parts: str) -> str:
     return str(uuid.uuid5(EVENT_NAMESPACE, "\n".join(parts)))
 
 
 @dataclass
 class _Pending:
-    """Graph changes waiting for the ledger commit, in the order they happened."""
+    """Graph changes waiting for the ledger commit, in the order they happened, and (shared
+    mode) what the resolution read, to check under the write lock."""
 
     sql: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+    #: Every identifier the group looked up, with the owner the cache said it had.
+    keys: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    #: Every customer whose identifiers the group counted (linked to, merged, minted), with
+    #: the counts per kind the cache said it had before the group ({} when minted).
+    customers: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Customers minted by the group (their created_seq is renumbered under the lock).
+    minted: list[str] = field(default_factory=list)
+    #: The resolver's highest created_seq before the group; minted ones follow it.
+    base_seq: int = 0
+    #: Added to the minted customers' created_seq when the tables' is higher (other
+    #: processes minted meanwhile); set by :meth:`GraphResolver.fresh`.
+    shift: int = 0
 
     def add(self, sql: str, *params: Any) -> None:
         self.sql.append((sql, params))
@@ -255,8 +281,11 @@ class GraphResolver:
         limits: dict[str, int] | None = None,
         *,
         cache_limit: int = 1_000_000,
+        shared: bool = False,
     ):
         self.db = db
+        #: Other collector processes write the same graph: check each group under the lock.
+        self.shared = shared
         self.pseudonyms = pseudonyms
         self.limits = dict(limits or DEFAULT_LIMITS)
         #: Identifiers kept in memory (~200 B each) before the cache starts over from the tables.
@@ -276,7 +305,7 @@ class GraphResolver:
         self._members: dict[str, list[tuple[str, str]]] = {}
         rows = self.db.query("SELECT MAX(created_seq) FROM collector_customers")
         self._seq = int(rows[0][0] or 0)
-        self._pending = _Pending()
+        self._pending = _Pending(base_seq=self._seq)
         self._generation = _generation(self.db)
         self._forgotten = {
             r[0]
@@ -320,6 +349,17 @@ class GraphResolver:
             "SELECT created_seq FROM collector_customers WHERE customer_id = ?", [customer]
         )
         self._created[customer] = int(created[0][0]) if created else 0
+        # Another process may have minted it after this one's last mint: customers minted
+        # from now on must still sort after it (the older customer survives a merge).
+        self._seq = max(self._seq, self._created[customer])
+
+    def _use(self, customer: str) -> None:
+        """Load ``customer`` and, in shared mode, note its counts as the group found them."""
+        self._load_customer(customer)
+        if self.shared and customer not in self._pending.customers:
+            self._pending.customers[customer] = {
+                k: n for k, n in self._counts[customer].items() if n
+            }
 
     # ------------------------------------------------------------------ graph changes
 
@@ -332,14 +372,16 @@ class GraphResolver:
             again += 1
             customer = self.pseudonyms.customer_id(kind, f"{value}\n#{again}")
         if customer not in self._counts:
+            if self.shared and customer not in self._pending.customers:
+                self._pending.customers[customer] = {}  # new: nothing may be linked to it yet
+                self._pending.minted.append(customer)
             self._seq += 1
             self._counts[customer] = {}
             self._members[customer] = []
             self._created[customer] = self._seq
             self._pending.add(
                 # A customer row can outlive its cache entry; never fail a request over it.
-                "INSERT INTO collector_customers (customer_id, created_seq, created_at) "
-                "VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                _INSERT_CUSTOMER + " VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 customer,
                 self._seq,
                 now,
@@ -421,8 +463,16 @@ class GraphResolver:
                 ids.sort(key=lambda x: _STRENGTH[x[0]])
             keyed.append(ids)
         self._prefetch(list(digests.values()))
-        derived: list[dict[str, Any]] = []
         owner = self._owner
+        if self.shared:
+            # After the prefetch: every customer the cache can name is at most this, so
+            # minting from here on orders new customers after all of them (merges keep
+            # the older one). Other processes' mints meanwhile: fresh() shifts ours.
+            rows = self.db.query("SELECT MAX(created_seq) FROM collector_customers")
+            self._seq = max(self._seq, int(rows[0][0] or 0))
+            self._pending.base_seq = self._seq
+            self._pending.keys = {key: owner.get(key) for key in digests.values()}
+        derived: list[dict[str, Any]] = []
         for touch, ids in zip(touches, keyed, strict=True):
             if len(ids) == 1:
                 known = owner.get(ids[0][2])
@@ -444,7 +494,7 @@ class GraphResolver:
         if known:
             target = self._owner[known[0][2]]
             assert target is not None
-            self._load_customer(target)
+            self._use(target)
             anchor = _STRENGTH[known[0][0]]
             for kind, value, key in ids:
                 if _STRENGTH[kind] >= anchor:
@@ -466,7 +516,7 @@ class GraphResolver:
                 else:
                     self._refuse(touch, target, None, key, derived, now)
                 continue
-            self._load_customer(owner)
+            self._use(owner)
             over = self._fits(target, self._counts[owner])
             if over is not None:
                 self._refuse(touch, target, owner, (over, key[1]), derived, now)
@@ -531,8 +581,70 @@ class GraphResolver:
 
     def take(self) -> _Pending:
         """The graph changes resolved since the last take (or commit), to write later."""
-        pending, self._pending = self._pending, _Pending()
+        pending, self._pending = self._pending, _Pending(base_seq=self._seq)
         return pending
+
+    def fresh(self, pending: _Pending, connection: Any) -> bool:
+        """Whether the graph in the tables is still what ``pending`` was resolved against.
+
+        Called through the ledger's transaction (``connection``) while it holds the write
+        lock, before the group's events are written: nothing can change the graph until
+        it commits. Single-process mode trusts its cache (always True). Sets
+        ``pending.shift`` so minted customers sort after every committed one.
+        """
+        if not self.shared:
+            return True
+        cur = connection.cursor()
+        postgres = not isinstance(connection, sqlite3.Connection)
+
+        def rows(sql: str, params: Sequence[Any]) -> list[Any]:
+            cur.execute(sql.replace("?", "%s") if postgres else sql, tuple(params))
+            return [tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in cur.fetchall()]
+
+        found = rows("SELECT value FROM collector_meta WHERE name = 'generation'", ())
+        if (int(found[0][0]) if found else 0) != self._generation:
+            return False
+        by_kind: dict[str, list[str]] = {}
+        for kind, digest in pending.keys:
+            by_kind.setdefault(kind, []).append(digest)
+        for kind, digests in by_kind.items():
+            for start in range(0, len(digests), 400):
+                chunk = digests[start : start + 400]
+                owners = dict(
+                    rows(
+                        "SELECT digest, customer_id FROM collector_identifiers "
+                        f"WHERE kind = ? AND digest IN ({','.join('?' * len(chunk))})",
+                        [kind, *chunk],
+                    )
+                )
+                for digest in chunk:
+                    if owners.get(digest) != pending.keys[(kind, digest)]:
+                        return False
+        customers = list(pending.customers)
+        counts: dict[str, dict[str, int]] = {}
+        for start in range(0, len(customers), 400):
+            chunk = customers[start : start + 400]
+            for customer, kind, n in rows(
+                "SELECT customer_id, kind, COUNT(*) FROM collector_identifiers "
+                f"WHERE customer_id IN ({','.join('?' * len(chunk))}) GROUP BY customer_id, kind",
+                chunk,
+            ):
+                counts.setdefault(customer, {})[kind] = int(n)
+        for customer, expected in pending.customers.items():
+            if counts.get(customer, {}) != expected:
+                return False
+        if pending.minted:
+            top = int(rows("SELECT MAX(created_seq) FROM collector_customers", ())[0][0] or 0)
+            pending.shift = max(0, top - pending.base_seq)
+        return True
+
+    def committed(self, pending: _Pending) -> None:
+        """``pending`` is in the tables: give the cache the created_seq it was stored with."""
+        if pending.shift:
+            for customer in pending.minted:
+                if customer in self._created:
+                    self._created[customer] += pending.shift
+            self._seq += pending.shift
 
     def commit(self, pending: _Pending | None = None) -> None:
         """Write ``pending`` (by default everything resolved so far) in a transaction of
@@ -574,6 +686,9 @@ class GraphResolver:
                 cur.execute(sql.replace("?", "%s") if postgres else sql, tuple(params))
 
             def executemany(sql: str, rows: Sequence[Sequence[Any]]) -> None:
+                shift = pending.shift  # set by fresh() under the same lock
+                if shift and sql.startswith(_INSERT_CUSTOMER):
+                    rows = [(c, seq + shift, at) for c, seq, at in rows]
                 cur.executemany(sql.replace("?", "%s") if postgres else sql, rows)
 
             _apply(pending, execute, executemany)

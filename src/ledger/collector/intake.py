@@ -12,17 +12,27 @@ of a transaction (lock, fsync) is paid once per group, not per request.
 
 Rejections (contract or mapping problems) go to the dead-letter directory,
 written by this thread alone.
+
+Several collector processes on one ledger (``ledger serve --workers N``) each have
+their own intake. Their appends take turns on an exclusive ``flock`` (a waiting
+process wakes the moment the other's commit is done, where SQLite's busy handler
+would sleep in steps of milliseconds), and each group's identity resolution is
+checked under the ledger's write lock before its events are written, then resolved
+again there if another process changed the graph meanwhile (:class:`_Group`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import IO, Any, Protocol
 
 from ledger.collector.identity import StaleGraph
 from ledger.collector.touch import Touch
@@ -39,11 +49,16 @@ class Sink(Protocol):
     transactional: bool
 
     def write(
-        self, events: list[dict[str, Any]], also: Callable[[Any], None] | None = None
+        self,
+        events: list[dict[str, Any]],
+        also: Callable[[Any], None] | None = None,
+        check: Callable[[Any], list[dict[str, Any]] | None] | None = None,
     ) -> dict[int, list[str]]:
         """Store durably (or raise); return {index: problems} of events the contract rejected.
 
-        ``also``: called with the transaction's DB-API connection before it commits."""
+        ``also``: called with the transaction's DB-API connection before it commits;
+        ``check``: called with it first, under the write lock; may return other events to
+        store instead (transactional sinks only)."""
 
     def close(self) -> None: ...
 
@@ -54,18 +69,50 @@ class LedgerSink:
 
     transactional = True
 
-    def __init__(self, ledger: Ledger):
+    def __init__(self, ledger: Ledger, turns: Path | None = None):
+        """``turns``: a lock file the collector processes of this ledger take turns on
+        (exclusive flock) for each append; None for a single collector."""
         self.ledger = ledger
+        self._turns: IO[bytes] | None = turns.open("ab") if turns is not None else None
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        if self._turns is None:
+            yield
+            return
+        fcntl.flock(self._turns, fcntl.LOCK_EX)  # blocks without the GIL
+        try:
+            yield
+        finally:
+            fcntl.flock(self._turns, fcntl.LOCK_UN)
 
     def write(
-        self, events: list[dict[str, Any]], also: Callable[[Any], None] | None = None
+        self,
+        events: list[dict[str, Any]],
+        also: Callable[[Any], None] | None = None,
+        check: Callable[[Any], list[dict[str, Any]] | None] | None = None,
     ) -> dict[int, list[str]]:
         valid, rejected = self.ledger.validate(events)
-        self.ledger.append_valid(valid, also=also)
-        return {r.index: r.problems for r in rejected}
+        failed = {r.index: r.problems for r in rejected}
+
+        def checked(connection: Any) -> list[Any] | None:
+            nonlocal failed
+            assert check is not None
+            instead = check(connection)
+            if instead is None:
+                return None
+            again, rejected = self.ledger.validate(instead)
+            failed = {r.index: r.problems for r in rejected}
+            return again
+
+        with self._turn():
+            self.ledger.append_valid(valid, also=also, check=checked if check else None)
+        return failed
 
     def close(self) -> None:
         self.ledger.close()
+        if self._turns is not None:
+            self._turns.close()
 
 
 class KafkaSink:
@@ -77,7 +124,10 @@ class KafkaSink:
         self.publisher = publisher
 
     def write(
-        self, events: list[dict[str, Any]], also: Callable[[Any], None] | None = None
+        self,
+        events: list[dict[str, Any]],
+        also: Callable[[Any], None] | None = None,
+        check: Callable[[Any], list[dict[str, Any]] | None] | None = None,
     ) -> dict[int, list[str]]:
         rejected: dict[int, list[str]] = {}
         for index, event in enumerate(events):
@@ -109,8 +159,44 @@ class Resolver(Protocol):
     def commit(self, pending: Any = None) -> None:
         """Make ``pending`` durable in a transaction of its own (after a broker's ack)."""
 
+    def fresh(self, pending: Any, connection: Any) -> bool:
+        """Under the write lock: is the graph still what ``pending`` was resolved against?"""
+
+    def committed(self, pending: Any) -> None:
+        """``pending`` was written (with its events)."""
+
     def rollback(self) -> None:
         """Forget the resolutions of a failed append."""
+
+
+class _Group:
+    """One group's graph changes on their way into the append's transaction.
+
+    ``check`` runs first under the write lock: if another collector process changed the
+    part of the graph this group was resolved against, the group is resolved again right
+    there (the lock keeps the graph still) and its new events replace the old ones.
+    ``write`` then writes whichever resolution stands.
+    """
+
+    def __init__(self, resolver: Resolver, touches: list[Touch], pending: Any):
+        self.resolver = resolver
+        self.touches = touches
+        self.pending = pending
+        self.again = 0
+
+    def check(self, connection: Any) -> list[dict[str, Any]] | None:
+        if self.resolver.fresh(self.pending, connection):
+            return None
+        self.again += 1
+        self.resolver.rollback()  # the cache starts over from the tables as they are now
+        derived = self.resolver.resolve(self.touches)
+        self.pending = self.resolver.take()
+        if not self.resolver.fresh(self.pending, connection):
+            raise RuntimeError("the identity graph changed while the write lock was held")
+        return [t.event for t in self.touches] + derived
+
+    def write(self, connection: Any) -> None:
+        self.resolver.writer(self.pending)(connection)
 
 
 def _name_os_thread(name: str) -> None:
@@ -163,6 +249,8 @@ class Intake:
         self.resolver = resolver
         self.dead_letters = dead_letters
         self.max_events = max_events
+        #: Groups resolved again under the lock (another process changed their graph).
+        self.regrouped = 0
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="collector-writer", daemon=True)
         self._thread.start()
@@ -213,7 +301,10 @@ class Intake:
             events = [t.event for t in touches] + derived
             pending = self.resolver.take()
             if self.sink.transactional:  # the graph commits with its events, or neither
-                failed = self.sink.write(events, also=self.resolver.writer(pending))
+                group = _Group(self.resolver, touches, pending)
+                failed = self.sink.write(events, also=group.write, check=group.check)
+                self.resolver.committed(group.pending)
+                self.regrouped += group.again
             else:
                 failed = self.sink.write(events)
                 self.resolver.commit(pending)
