@@ -1,6 +1,6 @@
 """Collector benchmark: sustained /v1/batch throughput and latency, beside direct appends.
 
-    .venv/bin/python bench/collector.py --requests 1500 --connections 4 8
+    .venv/bin/python bench/collector.py --requests 1500 --connections 4 8 --workers 1 2
 
 Runs, on the same generated Segment messages (100 per request, page and track
 calls from 10 visitors each, so the identity graph links repeat visitors):
@@ -13,7 +13,9 @@ calls from 10 visitors each, so the identity graph links repeat visitors):
               split into the main thread: HTTP, parsing, mapping; the writer:
               resolving, validating, appending; the others: the ledger's WAL
               checkpointer) — less sensitive than events/s to other work on a
-              shared machine;
+              shared machine; with ``--workers N`` (N > 1) ``ledger serve --workers N``,
+              its CPU summed over the supervisor and its worker processes (the
+              supervisor's, which accepts and hands out connections, under 'other');
               afterwards the ledger's event count must equal the count the
               server acknowledged;
 * baseline  - ``Ledger.append`` (validate, then append with the identity graph's
@@ -151,6 +153,24 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def tree_cpu(pid: int) -> dict[str, float]:
+    """:func:`process_cpu` summed over ``pid`` and its child processes (the workers of
+    ``ledger serve --workers N``; the supervisor's own main thread counts as 'other')."""
+    out = {"total": 0.0, "main": 0.0, "writer": 0.0, "other": 0.0}
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for n, each in enumerate([pid, *map(int, children)]):
+        try:
+            cpu = process_cpu(each)
+        except OSError:  # a worker that just ended
+            continue
+        if children and n == 0:
+            cpu["other"] += cpu.pop("main")
+            cpu["main"] = 0.0
+        for k, v in cpu.items():
+            out[k] += v
+    return out
+
+
 def process_cpu(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) a process has used so far, in total and per thread:
     the main thread (HTTP, parsing, mapping), the collector's writer (resolve, validate,
@@ -177,7 +197,9 @@ def process_cpu(pid: int) -> dict[str, float]:
     return out
 
 
-def run_collector(work: Path, payloads: list[bytes], connections: int) -> dict[str, Any]:
+def run_collector(
+    work: Path, payloads: list[bytes], connections: int, workers: int = 1
+) -> dict[str, Any]:
     from ledger.collector.auth import SourceRegistry
     from ledger.collector.db import CollectorDB
     from ledger.ledger import Ledger
@@ -197,7 +219,10 @@ def run_collector(work: Path, payloads: list[bytes], connections: int) -> dict[s
     env.pop("LEDGER_STORE_URL", None)
     env.pop("LEDGER_KAFKA", None)
     server = subprocess.Popen(
-        [sys.executable, "-m", "ledger", "serve", "--port", str(port)],
+        [
+            sys.executable,
+            *("-m", "ledger", "serve", "--port", str(port), "--workers", str(workers)),
+        ],
         env=env,
         stderr=subprocess.DEVNULL,
     )
@@ -212,7 +237,7 @@ def run_collector(work: Path, payloads: list[bytes], connections: int) -> dict[s
                     raise RuntimeError("the collector did not start") from None
                 time.sleep(0.1)
         result_file = work / "load.json"
-        cpu_before = process_cpu(server.pid)
+        cpu_before = tree_cpu(server.pid)
         subprocess.run(
             [
                 sys.executable,
@@ -226,7 +251,7 @@ def run_collector(work: Path, payloads: list[bytes], connections: int) -> dict[s
             ],
             check=True,
         )
-        after = process_cpu(server.pid)
+        after = tree_cpu(server.pid)
         cpu = {k: after[k] - cpu_before.get(k, 0.0) for k in after}
     finally:
         server.send_signal(signal.SIGTERM)
@@ -306,19 +331,23 @@ def main() -> None:
     parser.add_argument(
         "--connections", type=int, nargs="+", default=[4, 8], help="concurrent connections"
     )
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1], help="ledger serve --workers N"
+    )
     args = parser.parse_args()
     payloads = bodies(args.requests)
     print(f"events per run             {args.requests * BATCH:,} in {args.requests:,} requests")
     mismatch = False
     with tempfile.TemporaryDirectory(prefix="ledger-bench-collector-") as tmp:
-        for connections in args.connections:
-            work = Path(tmp) / f"c{connections}"
+        for workers, connections in [(w, c) for w in args.workers for c in args.connections]:
+            work = Path(tmp) / f"w{workers}c{connections}"
             work.mkdir()
-            run = run_collector(work, payloads, connections)
+            run = run_collector(work, payloads, connections, workers)
             lat = run["latencies"]
             print(
                 f"collector /v1/batch        {run['acked'] / run['elapsed']:,.0f} events/s over "
-                f"{run['elapsed']:.1f} s, {connections} connections"
+                f"{run['elapsed']:.1f} s, {connections} connections, {workers} worker"
+                + ("s" if workers > 1 else "")
             )
             print(
                 f"  request latency          p50 {pct(lat, 0.50) * 1000:.1f} ms, "
