@@ -244,6 +244,15 @@ class SQLiteStore(EventStore):
         # A store dropped without close() must not leave its thread polling forever.
         weakref.finalize(self, self._checkpointer.stop)
 
+    @property
+    def checkpoint_interval(self) -> float:
+        """Seconds the background checkpointer rests after each checkpoint (default 0.05)."""
+        return self._checkpointer.interval
+
+    @checkpoint_interval.setter
+    def checkpoint_interval(self, seconds: float) -> None:
+        self._checkpointer.interval = seconds
+
     @contextmanager
     def write(self) -> Iterator[WriteSession]:
         with self.datastore.get_connection(commit=True) as conn:
