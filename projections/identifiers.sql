@@ -99,8 +99,7 @@ ORDER BY stream_id, position;
 
 -- name: merge
 -- id_meta: the canonical customer and time of every event decrypted (`pick`, each round).
--- The batch's newest value per (customer, field) replaces the stored one if newer (event
--- time, ties by position). One row per (customer, field) holds by construction: the table
+-- The batch's newest value per (customer, field), merged by `keep_newest`. One row per (customer, field) holds by construction: the table
 -- has no PRIMARY KEY because ON CONFLICT through DuckDB's key index took 4 s for the 2.2M
 -- rows of a 10M-event rebuild, this DELETE + INSERT 0.1 s.
 CREATE OR REPLACE TEMP TABLE id_newest AS
@@ -119,6 +118,11 @@ JOIN id_meta e USING (position)
 LEFT JOIN last_forget f USING (customer_id)
 WHERE e.position > coalesce(f.at_position, 0)
 GROUP BY customer_id, field;
+
+-- name: keep_newest
+-- id_newest (customer_id, field, value, occurred_at, position; one row per customer and
+-- field) into customer_identifiers: a value replaces the stored one if newer (event time,
+-- ties by position). Used by `merge` and by merges.sql (identifiers moving to a survivor).
 DELETE FROM customer_identifiers i USING id_newest n
 WHERE i.customer_id = n.customer_id AND i.field = n.field
   AND (n.occurred_at > i.occurred_at

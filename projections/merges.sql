@@ -48,7 +48,9 @@ UPDATE ticket_events SET customer_id = m.canonical_id
 FROM merge_moved m WHERE ticket_events.customer_id = m.customer_id;
 UPDATE consents SET customer_id = m.canonical_id
 FROM merge_moved m WHERE consents.customer_id = m.customer_id;
-CREATE OR REPLACE TEMP TABLE identifiers_moved AS
+-- The moved identifiers, newest per (survivor, field); identifiers.sql `keep_newest` then
+-- merges them with the survivor's own, and `erase` applies the group's forgets.
+CREATE OR REPLACE TEMP TABLE id_newest AS
 SELECT m.canonical_id AS customer_id, i.field,
        arg_max(i.value, epoch_us(i.occurred_at)::HUGEINT * 1000000000000 + i.position) AS value,
        max(i.occurred_at) AS occurred_at,
@@ -58,15 +60,8 @@ FROM customer_identifiers i JOIN merge_moved m ON i.customer_id = m.customer_id
 GROUP BY ALL;
 DELETE FROM customer_identifiers
 WHERE customer_id IN (SELECT customer_id FROM merge_moved);
--- The newer of the moved value and the group's own value wins (identifiers.sql `merge`).
-DELETE FROM customer_identifiers i USING identifiers_moved n
-WHERE i.customer_id = n.customer_id AND i.field = n.field
-  AND (n.occurred_at > i.occurred_at
-       OR (n.occurred_at = i.occurred_at AND n.position > i.position));
-INSERT INTO customer_identifiers
-SELECT n.* FROM identifiers_moved n
-WHERE NOT EXISTS (SELECT 1 FROM customer_identifiers i
-                  WHERE i.customer_id = n.customer_id AND i.field = n.field);
+
+-- name: erase
 -- A forget of any member erases the group's identifiers recorded before it.
 DELETE FROM customer_identifiers i
 USING (

@@ -354,21 +354,23 @@ class ProjectionRunner:
         _x(con, sql("events", "affected"))
         if merged:
             _x(con, sql("merges", "rekey"))
+            _x(con, sql("identifiers", "keep_newest"))
+            _x(con, sql("merges", "erase"))
             _x(con, sql("merges", "affected"))
         _x(con, sql("events", "slices"))
         forgotten = [c for (c,) in _x(con, _FORGOTTEN)]
         if forgotten:
             _x(con, sql("identifiers", "erase"), {"after": after})
         _, _, seq = self._state()
-        offload = self._offload if last - after >= self.offload_min_events else None
-        work = self._work_dir() if offload is not None else None
+        # A big batch's Python steps go to worker processes through this scratch directory.
+        work = self._work_dir() if last - after >= self.offload_min_events else None
         try:
             self._phase("choosing lifecycle touches and identifiers")
             _x(con, sql("events", "touches"), {"types": list(lifecycle.RELEVANT_TYPES)})
-            folding = self._start_fold(after, offload, work)
+            folding = self._start_fold(after, work)
             decrypting: _Pending | None = None
             try:
-                decrypting = self._start_decrypt(forgotten, offload, work)
+                decrypting = self._start_decrypt(forgotten, work)
                 self._phase("loading events, merging customer facts")
                 if not merged:
                     _x(con, sql("events", "load"))
@@ -377,7 +379,7 @@ class ProjectionRunner:
                 if merged:
                     _x(con, sql("customer_360", "refresh"))
                     _x(con, sql("customer_360", "insert"))
-                if offload is not None and not self._background and last >= self.ledger.position:
+                if work is not None and not self._background and last >= self.ledger.position:
                     # The batch that catches up: rfm and churn read neither identifiers nor
                     # stages, so compute them now, while the worker processes finish,
                     # rather than after the commit (refresh_derived then has nothing to do).
@@ -419,13 +421,10 @@ class ProjectionRunner:
     def _parts(self, table: str, rows_per_part: int) -> int:
         """How many partitions to cut ``table`` into: about ``rows_per_part`` rows each,
         and at least two per worker process so the processes finish close together."""
-        assert self._offload is not None
         rows = int(_x(self.con, f"SELECT count(*) FROM {table}")[0][0])
         return max(2 * self._offload.processes, -(-rows // rows_per_part))
 
-    def _start_fold(
-        self, after: int, offload: workers.Offload | None, work: Path | None
-    ) -> _Pending:
+    def _start_fold(self, after: int, work: Path | None) -> _Pending:
         """Start refolding the stage history of every stream the batch changes.
 
         Inline, one fold in a thread; offloaded, the streams are cut into partitions by
@@ -436,7 +435,7 @@ class ProjectionRunner:
         _x(con, sql("lifecycle", "streams"), {"after": after})
         _x(con, sql("lifecycle", "resume"), {"after": after})
         _x(con, sql("lifecycle", "input"), {"after": after})
-        if offload is None or work is None:
+        if work is None:
             inputs = workers.LifecycleInputs(
                 con.sql(
                     "SELECT * EXCLUDE (root) FROM lifecycle_input ORDER BY position"
@@ -459,7 +458,7 @@ class ProjectionRunner:
             resumed.setdefault(part, []).append(tuple(row))
         return _Pending.offloaded(
             [
-                offload.fold(
+                self._offload.fold(
                     after,
                     work / "touches" / f"part={k}",
                     merges.get(k, []),
@@ -470,9 +469,7 @@ class ProjectionRunner:
             ]
         )
 
-    def _start_decrypt(
-        self, forgotten: list[str], offload: workers.Offload | None, work: Path | None
-    ) -> _Pending:
+    def _start_decrypt(self, forgotten: list[str], work: Path | None) -> _Pending:
         """Start decrypting the events whose identifiers the batch needs
         (``projections/identifiers.sql``): per (customer, field) the newest event naming
         the field, and whole every body that does not name its identifiers;
@@ -482,7 +479,7 @@ class ProjectionRunner:
         keys = self.ledger.keys
         self._identifier_candidates(forgotten)
         _x(con, sql("identifiers", "pick"))
-        if offload is None or work is None or self.settings is None:
+        if work is None or self.settings is None:
             picked = con.sql(sql("identifiers", "picked")).to_arrow_table()
             _x(con, "DROP TABLE id_picked")
             return _Pending.inline(lambda: [self._decrypt_inline(picked)])
@@ -496,7 +493,7 @@ class ProjectionRunner:
         _x(con, "DROP TABLE id_picked")  # the ciphertext: ~340 MB at 10M events
         return _Pending.offloaded(
             [
-                offload.decrypt(
+                self._offload.decrypt(
                     work / "picked" / f"part={k}", keys, self.settings, work / f"decrypted-{k}"
                 )
                 for k in range(parts)
@@ -553,6 +550,7 @@ class ProjectionRunner:
             con.unregister("found_in")
             failed = again.failed
         _x(con, sql("identifiers", "merge"))
+        _x(con, sql("identifiers", "keep_newest"))
         _x(con, "DROP TABLE id_meta; DROP TABLE batch_identifiers; DROP TABLE id_failed")
 
     def _lifecycle_finish(self, folded: list[workers.Folded], seq: int) -> int:
