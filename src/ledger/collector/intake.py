@@ -41,6 +41,11 @@ from ledger.deadletter import DeadLetters
 from ledger.ledger import Ledger
 from ledger.publisher import Publisher, to_envelope
 
+#: Called with the append transaction's DB-API connection before it commits.
+Also = Callable[[Any], None]
+#: Called with it first, under the write lock; may return other events to store instead.
+Check = Callable[[Any], list[dict[str, Any]] | None]
+
 
 class Sink(Protocol):
     """Where accepted events go: the embedded ledger, or Kafka in the distributed mode."""
@@ -51,8 +56,8 @@ class Sink(Protocol):
     def write(
         self,
         events: list[dict[str, Any]],
-        also: Callable[[Any], None] | None = None,
-        check: Callable[[Any], list[dict[str, Any]] | None] | None = None,
+        also: Also | None = None,
+        check: Check | None = None,
     ) -> dict[int, list[str]]:
         """Store durably (or raise); return {index: problems} of events the contract rejected.
 
@@ -89,8 +94,8 @@ class LedgerSink:
     def write(
         self,
         events: list[dict[str, Any]],
-        also: Callable[[Any], None] | None = None,
-        check: Callable[[Any], list[dict[str, Any]] | None] | None = None,
+        also: Also | None = None,
+        check: Check | None = None,
     ) -> dict[int, list[str]]:
         valid, rejected = self.ledger.validate(events)
         failed = {r.index: r.problems for r in rejected}
@@ -126,8 +131,8 @@ class KafkaSink:
     def write(
         self,
         events: list[dict[str, Any]],
-        also: Callable[[Any], None] | None = None,
-        check: Callable[[Any], list[dict[str, Any]] | None] | None = None,
+        also: Also | None = None,
+        check: Check | None = None,
     ) -> dict[int, list[str]]:
         rejected: dict[int, list[str]] = {}
         for index, event in enumerate(events):
