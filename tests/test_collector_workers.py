@@ -425,18 +425,25 @@ def test_a_worker_killed_under_load_loses_nothing_its_clients_retry(
         assert ledger.position == len(acked) > 0
 
 
+def _serve(
+    home: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`ledger serve` on a free port, expected to refuse and exit."""
+    return subprocess.run(
+        [sys.executable, "-m", "ledger", "serve", "--port", str(free_port()), *args],
+        env=env or cli_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_workers_and_a_single_collector_exclude_each_other(tmp_path: Path) -> None:
     home = tmp_path / "home"
     add_source(home, "website", "web")
     single = Server(home).start()
     try:
-        refused = subprocess.run(
-            [sys.executable, "-m", "ledger", "serve", "--port", str(free_port()), "--workers", "2"],
-            env=cli_env(home),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        refused = _serve(home, "--workers", "2")
     finally:
         single.stop()
     assert refused.returncode == 1
@@ -444,13 +451,7 @@ def test_workers_and_a_single_collector_exclude_each_other(tmp_path: Path) -> No
     assert "Traceback" not in refused.stderr
     workers = Server(home, workers=2).start()
     try:
-        second = subprocess.run(
-            [sys.executable, "-m", "ledger", "serve", "--port", str(free_port())],
-            env=cli_env(home),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        second = _serve(home)
     finally:
         workers.stop()
     assert second.returncode == 1 and "another collector" in second.stderr
@@ -462,13 +463,7 @@ def test_workers_are_refused_for_kafka_and_postgresql(tmp_path: Path, pg_url: st
         ({"LEDGER_KAFKA": "127.0.0.1:9"}, None, "with LEDGER_KAFKA set run one collector"),
         ({}, pg_url, "with PostgreSQL run one collector process"),
     ):
-        done = subprocess.run(
-            [sys.executable, "-m", "ledger", "serve", "--port", str(free_port()), "--workers", "2"],
-            env=cli_env(home, store_url, extra),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = _serve(home, "--workers", "2", env=cli_env(home, store_url, extra))
         assert done.returncode == 1, done.stderr
         said_on_one_line = " ".join(done.stderr.split())
         assert said in said_on_one_line and "Traceback" not in done.stderr
