@@ -13,7 +13,7 @@ Each figure is printed with its baseline, measured in the same run:
                ``Ledger.read`` decoded per event in Python -> Arrow -> DuckDB, no projection;
                ``--bypass`` adds a rebuild with ``--no-columnar``;
 * sql/pandas - customer 360 and RFM over the same events, the projections' SQL
-               (``projections/customer_360.sql`` batch + merge, as a rebuild runs it, and
+               (``projections/customer_360.sql`` merge, as a rebuild runs it, and
                ``projections/rfm.sql``) in an in-memory DuckDB vs the way an analyst would
                do it in pandas (groupby, crosstab, rank/qcut);
 * freshness  - ``ledger project --follow`` in a subprocess while this process appends
@@ -304,7 +304,8 @@ def bench_sql_vs_pandas(home: Path) -> dict[str, Any]:
     mem.register("segments_in", segment_table())
     mem.execute("INSERT INTO rfm_segments SELECT * FROM segments_in")
     # The runner's path for customer 360 (what a rebuild runs): the events aggregated per
-    # customer and merged into customer_facts (projections/customer_360.sql batch + merge),
+    # customer and merged into customer_facts (projections/customer_360.sql merge, after the
+    # batch's customers, events.sql affected),
     # over the batch as a view on `events`; no customer re-keyed by a merge.
     mem.execute("CREATE OR REPLACE TEMP VIEW batch_events AS SELECT * FROM events")
     mem.execute("CREATE OR REPLACE TEMP TABLE recompute (customer_id VARCHAR)")
@@ -327,7 +328,7 @@ def bench_sql_vs_pandas(home: Path) -> dict[str, Any]:
             "INSERT INTO consents SELECT customer_id, position, occurred_at, purpose, status "
             "FROM events WHERE type = 'consent_changed'"
         )
-        mem.execute(sql("customer_360", "batch"))
+        mem.execute(sql("events", "affected"))
         mem.execute(sql("customer_360", "merge"))
         return int(mem.execute("SELECT count(*) FROM customer_facts").fetchall()[0][0])
 

@@ -1,5 +1,5 @@
 -- customer_360: one row per customer. Each batch's events are aggregated per customer
--- (`batch`) and merged into `customer_facts` (`merge`): sums and counts add, first/last
+-- and merged into `customer_facts` (`merge`): sums and counts add, first/last
 -- times take the extreme, "latest" values take the batch's when it is at least as late (a
 -- batch's positions are all higher than the stored ones); distinct orders, currencies, open
 -- tickets and consent come from their small slices (`purchases`, `ticket_events`,
@@ -14,66 +14,71 @@
 -- HUGEINT key (epoch microseconds * 10^12 + position) for arg_max, twice as fast as a
 -- struct key.
 
--- name: batch
-CREATE OR REPLACE TEMP TABLE facts_batch AS
-SELECT
-    coalesce(a.canonical_id, b.customer_id) AS customer_id,
-    min(occurred_at) AS first_seen,
-    max(occurred_at) AS last_seen,
-    count(*) AS events,
-    count(*) FILTER (WHERE channel = 'web') AS web_events,
-    count(*) FILTER (WHERE channel = 'email') AS email_events,
-    count(*) FILTER (WHERE channel = 'chat') AS chat_events,
-    count(*) FILTER (WHERE channel = 'call') AS call_events,
-    count(*) FILTER (WHERE channel = 'social') AS social_events,
-    count(*) FILTER (WHERE channel = 'commerce') AS commerce_events,
-    count(*) FILTER (WHERE channel = 'support') AS support_events,
-    count(*) FILTER (WHERE channel = 'system') AS system_events,
-    count(*) FILTER (WHERE type = 'page_viewed') AS page_viewed,
-    count(*) FILTER (WHERE type = 'form_submitted') AS form_submitted,
-    count(*) FILTER (WHERE type = 'email_sent') AS email_sent,
-    count(*) FILTER (WHERE type = 'email_opened') AS email_opened,
-    count(*) FILTER (WHERE type = 'email_clicked') AS email_clicked,
-    count(*) FILTER (WHERE type = 'email_bounced') AS email_bounced,
-    count(*) FILTER (WHERE type = 'chat_message') AS chat_message,
-    count(*) FILTER (WHERE type = 'call_completed') AS call_completed,
-    count(*) FILTER (WHERE type = 'social_mention') AS social_mention,
-    count(*) FILTER (WHERE type = 'order_placed') AS order_placed,
-    count(*) FILTER (WHERE type = 'order_refunded') AS order_refunded,
-    count(*) FILTER (WHERE type = 'ticket_opened') AS ticket_opened,
-    count(*) FILTER (WHERE type = 'ticket_resolved') AS ticket_resolved,
-    count(*) FILTER (WHERE type = 'consent_changed') AS consent_changed,
-    coalesce(sum(amount) FILTER (WHERE type = 'order_placed'), 0) AS revenue,
-    coalesce(sum(amount) FILTER (WHERE type = 'order_refunded'), 0) AS refunds,
-    min(occurred_at) FILTER (WHERE type = 'order_placed') AS first_order_at,
-    max(occurred_at) FILTER (WHERE type = 'order_placed') AS last_order_at,
-    max(occurred_at) FILTER (WHERE channel IN ('web', 'email', 'chat', 'call', 'social'))
-        AS last_contact_at,
-    arg_max(channel, epoch_us(occurred_at)::HUGEINT * 1000000000000 + position)
-        FILTER (WHERE channel IN ('web', 'email', 'chat', 'call', 'social'))
-        AS last_contact_channel,
-    bool_or(type = 'customer_forgotten') AS erased,
-    max(occurred_at) FILTER (WHERE type = 'customer_forgotten') AS forgotten_at,
-    bool_or(type IN ('order_placed', 'order_refunded')) AS has_purchases,
-    bool_or(type IN ('ticket_opened', 'ticket_resolved')) AS has_tickets,
-    bool_or(type = 'consent_changed') AS has_consents
-FROM batch_events b
-LEFT JOIN customer_aliases a ON a.customer_id = b.customer_id
-WHERE coalesce(a.canonical_id, b.customer_id) NOT IN (SELECT customer_id FROM recompute)
-GROUP BY 1;
-
 -- name: merge
-CREATE OR REPLACE TEMP TABLE facts_new AS
-WITH old AS (
-    SELECT * FROM customer_facts
-    WHERE customer_id IN (SELECT customer_id FROM facts_batch)
+-- The batch's customers' stored rows are set aside (`facts_old`) and replaced by one
+-- INSERT that aggregates the batch and merges: no temp table of the batch's aggregate,
+-- whose memory a transaction would hold until it commits (DuckDB frees a temp table
+-- dropped inside a transaction only at COMMIT; at 10M events it spilled to disk).
+CREATE OR REPLACE TEMP TABLE facts_old AS
+SELECT * FROM customer_facts
+WHERE customer_id IN (SELECT customer_id FROM affected
+                      EXCEPT SELECT customer_id FROM recompute);
+DELETE FROM customer_facts WHERE customer_id IN (SELECT customer_id FROM facts_old);
+INSERT INTO customer_facts
+WITH batch AS MATERIALIZED (
+    SELECT
+        coalesce(a.canonical_id, b.customer_id) AS customer_id,
+        min(occurred_at) AS first_seen,
+        max(occurred_at) AS last_seen,
+        count(*) AS events,
+        count(*) FILTER (WHERE channel = 'web') AS web_events,
+        count(*) FILTER (WHERE channel = 'email') AS email_events,
+        count(*) FILTER (WHERE channel = 'chat') AS chat_events,
+        count(*) FILTER (WHERE channel = 'call') AS call_events,
+        count(*) FILTER (WHERE channel = 'social') AS social_events,
+        count(*) FILTER (WHERE channel = 'commerce') AS commerce_events,
+        count(*) FILTER (WHERE channel = 'support') AS support_events,
+        count(*) FILTER (WHERE channel = 'system') AS system_events,
+        count(*) FILTER (WHERE type = 'page_viewed') AS page_viewed,
+        count(*) FILTER (WHERE type = 'form_submitted') AS form_submitted,
+        count(*) FILTER (WHERE type = 'email_sent') AS email_sent,
+        count(*) FILTER (WHERE type = 'email_opened') AS email_opened,
+        count(*) FILTER (WHERE type = 'email_clicked') AS email_clicked,
+        count(*) FILTER (WHERE type = 'email_bounced') AS email_bounced,
+        count(*) FILTER (WHERE type = 'chat_message') AS chat_message,
+        count(*) FILTER (WHERE type = 'call_completed') AS call_completed,
+        count(*) FILTER (WHERE type = 'social_mention') AS social_mention,
+        count(*) FILTER (WHERE type = 'order_placed') AS order_placed,
+        count(*) FILTER (WHERE type = 'order_refunded') AS order_refunded,
+        count(*) FILTER (WHERE type = 'ticket_opened') AS ticket_opened,
+        count(*) FILTER (WHERE type = 'ticket_resolved') AS ticket_resolved,
+        count(*) FILTER (WHERE type = 'consent_changed') AS consent_changed,
+        coalesce(sum(amount) FILTER (WHERE type = 'order_placed'), 0) AS revenue,
+        coalesce(sum(amount) FILTER (WHERE type = 'order_refunded'), 0) AS refunds,
+        min(occurred_at) FILTER (WHERE type = 'order_placed') AS first_order_at,
+        max(occurred_at) FILTER (WHERE type = 'order_placed') AS last_order_at,
+        max(occurred_at) FILTER (WHERE channel IN ('web', 'email', 'chat', 'call', 'social'))
+            AS last_contact_at,
+        arg_max(channel, epoch_us(occurred_at)::HUGEINT * 1000000000000 + position)
+            FILTER (WHERE channel IN ('web', 'email', 'chat', 'call', 'social'))
+            AS last_contact_channel,
+        bool_or(type = 'customer_forgotten') AS erased,
+        max(occurred_at) FILTER (WHERE type = 'customer_forgotten') AS forgotten_at,
+        bool_or(type IN ('order_placed', 'order_refunded')) AS has_purchases,
+        bool_or(type IN ('ticket_opened', 'ticket_resolved')) AS has_tickets,
+        bool_or(type = 'consent_changed') AS has_consents
+    FROM batch_events b
+    LEFT JOIN customer_aliases a ON a.customer_id = b.customer_id
+    WHERE coalesce(a.canonical_id, b.customer_id) NOT IN (SELECT customer_id FROM recompute)
+    GROUP BY 1
 ),
+old AS (SELECT * FROM facts_old),
 money AS (
     SELECT customer_id,
            count(DISTINCT order_id) FILTER (WHERE type = 'order_placed') AS orders,
            string_agg(DISTINCT currency, ',' ORDER BY currency) AS currencies
     FROM purchases
-    WHERE customer_id IN (SELECT customer_id FROM facts_batch WHERE has_purchases)
+    WHERE customer_id IN (SELECT customer_id FROM batch WHERE has_purchases)
     GROUP BY customer_id
 ),
 tickets AS (
@@ -81,7 +86,7 @@ tickets AS (
     FROM (
         SELECT customer_id, ticket_id
         FROM ticket_events
-        WHERE customer_id IN (SELECT customer_id FROM facts_batch WHERE has_tickets)
+        WHERE customer_id IN (SELECT customer_id FROM batch WHERE has_tickets)
         GROUP BY customer_id, ticket_id
         HAVING bool_or(type = 'ticket_opened') AND NOT bool_or(type = 'ticket_resolved')
     )
@@ -100,7 +105,7 @@ consent AS (
         arg_max(status, epoch_us(occurred_at)::HUGEINT * 1000000000000 + position)
             FILTER (WHERE purpose = 'profiling') AS profiling
     FROM consents
-    WHERE customer_id IN (SELECT customer_id FROM facts_batch WHERE has_consents)
+    WHERE customer_id IN (SELECT customer_id FROM batch WHERE has_consents)
     GROUP BY customer_id
 )
 SELECT
@@ -150,15 +155,12 @@ SELECT
     CASE WHEN b.has_consents THEN c.profiling ELSE o.consent_profiling END,
     coalesce(o.erased, false) OR b.erased,
     greatest(o.forgotten_at, b.forgotten_at)
-FROM facts_batch b
+FROM batch b
 LEFT JOIN old o ON o.customer_id = b.customer_id
 LEFT JOIN money m ON m.customer_id = b.customer_id
 LEFT JOIN tickets t ON t.customer_id = b.customer_id
 LEFT JOIN consent c ON c.customer_id = b.customer_id;
-DELETE FROM customer_facts WHERE customer_id IN (SELECT customer_id FROM facts_new);
-INSERT INTO customer_facts SELECT * FROM facts_new;
-DROP TABLE facts_new;
-DROP TABLE facts_batch;
+DROP TABLE facts_old;
 
 -- name: refresh
 -- Customers re-keyed by a merge: dropped here, recomputed whole by `insert`.

@@ -71,15 +71,22 @@ JOIN id_failed f ON f.customer_id = l.customer_id
 GROUP BY l.customer_id, f.field;
 
 -- name: pick
--- The candidates of one round, one row per event (fields NULL: decrypt the whole body),
--- with what `merge` needs of the event (its canonical customer and time). Candidates are
+-- The candidates of one round, one row per event, with what `merge` needs of the event
+-- (its canonical customer and time). `fields`: the identifiers to take, a bit mask over
+-- $identifier_fields (the contract's identifier names, written in by the runner: a mask
+-- aggregates ~6x faster than a list); NULL: decrypt the whole body. A view, read
+-- once, by `keep_picked` (small batches, decrypted in the runner's process) or by the
+-- runner's COPY to the worker processes' Parquet files (big batches: a temp table of the
+-- ciphertext would hold ~340 MB at 10M events until the batch commits). Candidates are
 -- grouped before the join: grouping the joined rows would hash every ciphertext.
-CREATE OR REPLACE TEMP TABLE id_picked AS
+CREATE OR REPLACE TEMP VIEW id_pick AS
 WITH c AS (
     SELECT position,
-           CASE WHEN bool_or(field IS NULL) THEN NULL ELSE list(field) END AS fields,
+           CASE WHEN bool_or(bit IS NULL) THEN NULL ELSE bit_or(1 << bit) END AS fields,
            any_value(customer_id) AS customer_id
-    FROM id_candidates
+    FROM (SELECT position, customer_id,
+                 list_position($identifier_fields, field) - 1 AS bit
+          FROM id_candidates)
     GROUP BY position
 )
 SELECT c.position, b.customer_id AS stream_id, from_base64(b.personal) AS sealed,
@@ -87,8 +94,10 @@ SELECT c.position, b.customer_id AS stream_id, from_base64(b.personal) AS sealed
        c.customer_id, b.occurred_at
 FROM c
 JOIN batch_events b ON b.position = c.position;
+
+-- name: keep_picked
+CREATE OR REPLACE TEMP TABLE id_picked AS SELECT * FROM id_pick;
 INSERT INTO id_meta SELECT position, customer_id, occurred_at FROM id_picked;
-DROP TABLE id_candidates;
 
 -- name: picked
 -- One round's events for the runner to decrypt, grouped by stream (it holds one stream's
@@ -96,6 +105,16 @@ DROP TABLE id_candidates;
 SELECT position, stream_id, sealed, aad, fields, customer_id
 FROM id_picked
 ORDER BY stream_id, position;
+
+-- name: meta_from_files
+-- Big batches: id_meta from the Parquet files the picked events were copied to ($files).
+INSERT INTO id_meta
+SELECT position, customer_id, occurred_at
+FROM read_parquet($files, hive_partitioning = false);
+
+-- name: picked_done
+DROP VIEW id_pick;
+DROP TABLE id_candidates;
 
 -- name: merge
 -- id_meta: the canonical customer and time of every event decrypted (`pick`, each round).

@@ -61,7 +61,6 @@ FROM lifecycle_resume;
 -- name: input
 -- Every touch of the streams, except the earlier touches of customers that resume; root:
 -- the canonical customer (the runner cuts big batches into partitions by it).
-CREATE OR REPLACE TEMP TABLE lifecycle_input AS
 SELECT t.customer_id, t.position, t.event_id, t.type, t.occurred_us, t.form_id,
        t.direction, t.outcome, t.sentiment, t.satisfaction,
        coalesce(a.canonical_id, t.customer_id) AS root
@@ -70,6 +69,11 @@ LEFT JOIN customer_aliases a ON a.customer_id = t.customer_id
 WHERE t.customer_id IN (SELECT customer_id FROM lifecycle_streams)
   AND (t.position > $after
        OR t.customer_id NOT IN (SELECT customer_id FROM lifecycle_resume));
+
+-- name: input_bound
+-- At least as many rows as `input` (what sizes a big batch's partitions), cheaper to count.
+SELECT count(*) FROM touches
+WHERE customer_id IN (SELECT customer_id FROM lifecycle_streams);
 
 -- name: merges
 SELECT customer_id, survivor_id, position FROM customer_merges

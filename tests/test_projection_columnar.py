@@ -12,8 +12,7 @@ import duckdb
 
 from fixtures.projection_data import assert_same_tables, event, generated, project, rows
 from ledger.ledger import Ledger
-from ledger.projection.definitions import sql
-from ledger.projection.runner import ProjectionRunner
+from ledger.projection.runner import ProjectionRunner, pick_sql
 from ledger.projection.segments import ColumnarCopy
 from ledger.settings import Settings
 
@@ -157,8 +156,8 @@ def test_only_the_newest_identifiers_are_decrypted_and_they_match_a_full_decrypt
             )
             runner.con.execute("DELETE FROM customer_identifiers")
             runner._identifier_candidates([])
-            runner.con.execute(sql("identifiers", "pick"))
-            picked = runner.con.execute("SELECT count(*) FROM id_picked").fetchall()[0][0]
+            runner.con.execute(pick_sql())
+            picked = runner.con.execute("SELECT count(*) FROM id_pick").fetchall()[0][0]
             runner.con.execute("ROLLBACK")
             assert 0 < picked <= len(newest)
             assert picked < 3_000 // 4

@@ -374,7 +374,6 @@ class ProjectionRunner:
                 self._phase("loading events, merging customer facts")
                 if not merged:
                     _x(con, sql("events", "load"))
-                _x(con, sql("customer_360", "batch"))
                 _x(con, sql("customer_360", "merge"))
                 if merged:
                     _x(con, sql("customer_360", "refresh"))
@@ -418,10 +417,9 @@ class ProjectionRunner:
         work.mkdir()
         return work
 
-    def _parts(self, table: str, rows_per_part: int) -> int:
-        """How many partitions to cut ``table`` into: about ``rows_per_part`` rows each,
+    def _parts(self, rows: int, rows_per_part: int) -> int:
+        """How many partitions to cut ``rows`` rows into: about ``rows_per_part`` each,
         and at least two per worker process so the processes finish close together."""
-        rows = int(_x(self.con, f"SELECT count(*) FROM {table}")[0][0])
         return max(2 * self._offload.processes, -(-rows // rows_per_part))
 
     def _start_fold(self, after: int, work: Path | None) -> _Pending:
@@ -434,22 +432,22 @@ class ProjectionRunner:
         con = self.con
         _x(con, sql("lifecycle", "streams"), {"after": after})
         _x(con, sql("lifecycle", "resume"), {"after": after})
-        _x(con, sql("lifecycle", "input"), {"after": after})
+        # The input is read once, by this thread or by the COPY to the workers' files: a
+        # temp table of it would hold its memory until the batch commits.
+        touches = sql("lifecycle", "input").strip().rstrip(";")
         if work is None:
             inputs = workers.LifecycleInputs(
                 con.sql(
-                    "SELECT * EXCLUDE (root) FROM lifecycle_input ORDER BY position"
+                    f"SELECT * EXCLUDE (root) FROM ({touches}) ORDER BY position",
+                    params={"after": after},
                 ).to_arrow_table(),
                 _x(con, sql("lifecycle", "merges")),
                 _x(con, sql("lifecycle", "resumed")),
             )
-            _x(con, "DROP TABLE lifecycle_input")
             return _Pending.inline(lambda: [workers.fold(after, inputs)])
-        parts = self._parts("lifecycle_input", _FOLD_PART_ROWS)
-        _x(con, _copy_parts("SELECT * FROM lifecycle_input", "root", parts, work / "touches"))
-        # Temp tables hold DuckDB memory until dropped; what exceeds its limit is evicted
-        # to disk (at 10M events, spilling cost ~6 s of a 44 s rebuild).
-        _x(con, "DROP TABLE lifecycle_input")
+        rows = _x(con, sql("lifecycle", "input_bound"))[0][0]
+        parts = self._parts(int(rows), _FOLD_PART_ROWS)
+        _x(con, _copy_parts(touches, "root", parts, work / "touches"), {"after": after})
         merges: dict[int, list[Any]] = {}
         for *merge, part in _x(con, _by_part(sql("lifecycle", "merges"), "customer_id", parts)):
             merges.setdefault(part, []).append(tuple(merge))
@@ -478,19 +476,19 @@ class ProjectionRunner:
         con = self.con
         keys = self.ledger.keys
         self._identifier_candidates(forgotten)
-        _x(con, sql("identifiers", "pick"))
+        _x(con, pick_sql())
         if work is None or self.settings is None:
-            picked = con.sql(sql("identifiers", "picked")).to_arrow_table()
-            _x(con, "DROP TABLE id_picked")
+            picked = self._take_picked()
             return _Pending.inline(lambda: [self._decrypt_inline(picked)])
-        parts = self._parts("id_picked", _DECRYPT_PART_ROWS)
+        events = _x(con, "SELECT count(DISTINCT position) FROM id_candidates")[0][0]
+        parts = self._parts(int(events), _DECRYPT_PART_ROWS)
+        _x(con, _copy_parts("SELECT * FROM id_pick", "stream_id", parts, work / "picked"))
         _x(
             con,
-            _copy_parts(
-                "SELECT * EXCLUDE (occurred_at) FROM id_picked", "stream_id", parts, work / "picked"
-            ),
+            sql("identifiers", "meta_from_files"),
+            {"files": str(work / "picked" / "*" / "*.parquet")},
         )
-        _x(con, "DROP TABLE id_picked")  # the ciphertext: ~340 MB at 10M events
+        _x(con, sql("identifiers", "picked_done"))
         return _Pending.offloaded(
             [
                 self._offload.decrypt(
@@ -508,6 +506,15 @@ class ProjectionRunner:
             self.ledger.keys.drop(customer)
         _x(self.con, sql("identifiers", "candidates"))
 
+    def _take_picked(self) -> pa.Table:
+        """One round's picked events, to decrypt in this process (recorded in id_meta)."""
+        con = self.con
+        _x(con, sql("identifiers", "keep_picked"))
+        picked = con.sql(sql("identifiers", "picked")).to_arrow_table()
+        _x(con, "DROP TABLE id_picked")
+        _x(con, sql("identifiers", "picked_done"))
+        return picked
+
     def _decrypt_inline(self, picked: pa.Table) -> workers.Decrypted:
         # Follow mode's small batches keep the key cache: their customers come back.
         cache = picked.num_rows <= _SMALL_BATCH
@@ -518,11 +525,15 @@ class ProjectionRunner:
     def _identifiers_finish(self, decrypted: list[workers.Decrypted]) -> None:
         """Retry what could not be decrypted, then merge into ``customer_identifiers``."""
         con = self.con
+        failed = [f for d in decrypted for f in d.failed]
+        # A view (read once, by `merge`) unless retries add to it.
+        kind = "TABLE" if failed else "VIEW"
         _x(
             con,
-            _union_into("batch_identifiers", con, [d.found for d in decrypted], self._registered),
+            _union_into(
+                "batch_identifiers", con, [d.found for d in decrypted], self._registered, kind
+            ),
         )
-        failed = [f for d in decrypted for f in d.failed]
         _x(
             con,
             "CREATE OR REPLACE TEMP TABLE id_failed "
@@ -542,29 +553,30 @@ class ProjectionRunner:
             _x(con, "DELETE FROM id_failed; INSERT INTO id_failed SELECT * FROM id_failed_in")
             con.unregister("id_failed_in")
             _x(con, sql("identifiers", "retry"))
-            _x(con, sql("identifiers", "pick"))
-            again = self._decrypt_inline(con.sql(sql("identifiers", "picked")).to_arrow_table())
-            _x(con, "DROP TABLE id_picked")
+            _x(con, pick_sql())
+            again = self._decrypt_inline(self._take_picked())
             con.register("found_in", again.found)
             _x(con, "INSERT INTO batch_identifiers SELECT * FROM found_in")
             con.unregister("found_in")
             failed = again.failed
         _x(con, sql("identifiers", "merge"))
         _x(con, sql("identifiers", "keep_newest"))
-        _x(con, "DROP TABLE id_meta; DROP TABLE batch_identifiers; DROP TABLE id_failed")
+        _x(con, f"DROP TABLE id_meta; DROP {kind} batch_identifiers; DROP TABLE id_failed")
 
     def _lifecycle_finish(self, folded: list[workers.Folded], seq: int) -> int:
         """Write the refolded histories and the new changes, numbered after ``seq`` in
         ledger-position order; return the last change seq."""
         con = self.con
         _x(con, _union_into("history_batch", con, [f.history for f in folded], self._registered))
-        _x(con, _union_into("changes_found", con, [f.changes for f in folded], self._registered))
+        changes = [f.changes for f in folded]
+        _x(con, _union_into("changes_found", con, changes, self._registered, "VIEW"))
         _x(con, sql("lifecycle", "number"), {"seq": seq})
         if _x(con, "SELECT count(*) FROM history_batch")[0][0]:
             _x(con, sql("lifecycle", "clear"))
             _x(con, sql("lifecycle", "write"))
             seq += int(_x(con, "SELECT count(*) FROM changes_batch")[0][0])
-        for table in ("history_batch", "changes_found", "changes_batch", "lifecycle_resume"):
+        _x(con, "DROP VIEW changes_found")
+        for table in ("history_batch", "changes_batch", "lifecycle_resume"):
             _x(con, f"DROP TABLE {table}")
         return seq
 
@@ -857,6 +869,12 @@ def _x(con: duckdb.DuckDBPyConnection, query: str, params: Any = None) -> list[A
     return con.execute(query, params).fetchall()
 
 
+def pick_sql() -> str:
+    """identifiers.sql `pick` (a view: it takes no parameters) with the identifier names."""
+    names = ", ".join(f"'{name}'" for name in workers.IDENTIFIER_FIELDS)
+    return sql("identifiers", "pick").replace("$identifier_fields", f"[{names}]")
+
+
 def _copy_parts(query: str, key: str, parts: int, directory: Path) -> str:
     """COPY ``query`` to one Parquet directory per partition (``part=K``), rows cut by the
     hash of ``key``; DuckDB writes the files with all its threads."""
@@ -872,7 +890,7 @@ def _copy_parts(query: str, key: str, parts: int, directory: Path) -> str:
 
 def _by_part(query: str, customer: str, parts: int) -> str:
     """``query``'s rows with the partition of their canonical customer as a last column
-    (the partition ``lifecycle_input`` rows of the same group are in)."""
+    (the partition the same group's touches, lifecycle.sql `input`, are in)."""
     query = query.strip().rstrip(";")
     return (
         f"SELECT q.*, hash(coalesce(a.canonical_id, q.{customer})) % {parts} "
@@ -881,10 +899,15 @@ def _by_part(query: str, customer: str, parts: int) -> str:
 
 
 def _union_into(
-    name: str, con: duckdb.DuckDBPyConnection, sources: list[Any], registered: list[str]
+    name: str,
+    con: duckdb.DuckDBPyConnection,
+    sources: list[Any],
+    registered: list[str],
+    kind: str = "TABLE",
 ) -> str:
-    """The statement that makes temp table ``name`` the union of ``sources``: Arrow tables
-    (registered here and listed in ``registered``) or Parquet files."""
+    """The statement that makes ``name`` (a temp TABLE or VIEW) the union of ``sources``:
+    Arrow tables (registered here and listed in ``registered``) or Parquet files. A view
+    suits what is read once: a temp table holds its memory until the batch commits."""
     selects = []
     for i, source in enumerate(sources):
         if isinstance(source, Path):
@@ -895,4 +918,4 @@ def _union_into(
             con.register(view, source)
             registered.append(view)
             selects.append(f"SELECT * FROM {view}")
-    return f"CREATE OR REPLACE TEMP TABLE {name} AS " + " UNION ALL BY NAME ".join(selects)
+    return f"CREATE OR REPLACE TEMP {kind} {name} AS " + " UNION ALL BY NAME ".join(selects)

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from cryptography.exceptions import InvalidTag
 
 from ledger import keyring as kr
+from ledger.contract import Identifiers
 from ledger.projection import lifecycle
 from ledger.settings import Settings
 from ledger.store import EventStore, open_store
@@ -37,6 +38,14 @@ from ledger.store import EventStore, open_store
 _TS = pa.timestamp("us", tz="UTC")
 #: Wrapped keys read from the store per query while decrypting inline.
 KEY_CHUNK = 20_000
+#: The identifier names, in the order of the bits of a picked event's ``fields`` mask
+#: (``projections/identifiers.sql`` `pick`).
+IDENTIFIER_FIELDS: tuple[str, ...] = tuple(Identifiers.__annotations__)
+#: Every mask's names, in bit order.
+_FIELDS_OF_MASK: tuple[tuple[str, ...], ...] = tuple(
+    tuple(name for bit, name in enumerate(IDENTIFIER_FIELDS) if mask >> bit & 1)
+    for mask in range(1 << len(IDENTIFIER_FIELDS))
+)
 
 
 class LifecycleInputs(NamedTuple):
@@ -209,7 +218,9 @@ def decrypt(
     *,
     cache: bool,
 ) -> Decrypted:
-    """Decrypt the picked events (``projections/identifiers.sql`` `pick`).
+    """Decrypt the picked events (``projections/identifiers.sql`` `pick`): of each, the
+    identifiers its ``fields`` mask names (bits over :data:`IDENTIFIER_FIELDS`), or every
+    identifier when the mask is NULL.
 
     The rows come grouped by stream: each stream's key is unwrapped when its rows start
     and, unless ``cache`` (follow mode, whose customers come back), not kept after them
@@ -260,7 +271,7 @@ def decrypt(
                         fields_out.append(name)
                         values.append(str(value))
                 continue
-            for field in fields:
+            for field in _FIELDS_OF_MASK[fields]:
                 value = None if ids is None else ids.get(field)
                 if value is None:
                     failed.append((customer, field, position))
@@ -271,7 +282,7 @@ def decrypt(
     return Decrypted(_found_table(positions, fields_out, values), failed)
 
 
-#: The columns of ``lifecycle_input`` the fold reads (an empty partition has no file).
+#: The columns of lifecycle.sql `input` the fold reads (an empty partition has no file).
 TOUCH_SCHEMA = pa.schema(
     [
         ("customer_id", pa.string()),
