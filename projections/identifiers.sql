@@ -22,8 +22,10 @@ WHERE i.customer_id = f.customer_id AND i.position < f.forgotten_at_position;
 
 -- name: candidates
 CREATE OR REPLACE TEMP TABLE id_meta (position BIGINT, customer_id VARCHAR, occurred_at TIMESTAMPTZ);
--- id_live: the batch's events with personal data after their customer's last forget, with
--- their ordering key (event time in microseconds * 10^12 + position).
+-- id_live: the batch's events after their customer's last forget, with their ordering key
+-- (event time in microseconds * 10^12 + position). A body that names identifiers holds them
+-- in its ciphertext; only the bodies that name none (NULL) are asked whether they carry
+-- ciphertext at all, below: testing `personal` of every event read ~1.3 GB at 10M events.
 CREATE OR REPLACE TEMP VIEW id_live AS
 WITH last_forget AS (
     SELECT customer_id, max(position) AS at_position
@@ -36,7 +38,7 @@ SELECT b.position, coalesce(a.canonical_id, b.customer_id) AS customer_id,
 FROM batch_events b
 LEFT JOIN customer_aliases a ON a.customer_id = b.customer_id
 LEFT JOIN last_forget f ON f.customer_id = coalesce(a.canonical_id, b.customer_id)
-WHERE b.personal IS NOT NULL AND b.position > coalesce(f.at_position, 0);
+WHERE b.position > coalesce(f.at_position, 0);
 -- Round 1: per (customer, field) the newest event naming the field, if newer than the
 -- stored value; and every body that does not name its identifiers (field NULL).
 CREATE OR REPLACE TEMP TABLE id_candidates AS
@@ -55,7 +57,10 @@ LEFT JOIN customer_identifiers i ON i.customer_id = n.customer_id AND i.field = 
 WHERE i.customer_id IS NULL
    OR n.key > epoch_us(i.occurred_at)::HUGEINT * 1000000000000 + i.position
 UNION ALL
-SELECT customer_id, NULL, position FROM id_live WHERE identifier_fields IS NULL;
+SELECT customer_id, NULL, position FROM id_live
+WHERE identifier_fields IS NULL
+  AND position IN (SELECT position FROM batch_events
+                   WHERE identifier_fields IS NULL AND personal IS NOT NULL);
 
 -- name: retry
 -- Round 2, 3, ...: for the (customer, field) pairs whose candidate held no value (its key

@@ -126,23 +126,30 @@ def test_forget_erases_identifiers_in_a_rebuild_from_the_copy(
                 assert_same_tables(plain.con, rebuilt.con)
 
 
+def _newest_identifiers(ledger: Ledger) -> dict[tuple[str, str], tuple[object, int, str]]:
+    """(customer, field) -> (occurred_at, position, value) of the newest value, by a full
+    decryption of the ledger."""
+    newest: dict[tuple[str, str], tuple[object, int, str]] = {}
+    for recorded in ledger.read(0, 10_000, decrypt=True):
+        for field, value in (recorded.identifiers or {}).items():
+            known = newest.get((recorded.customer_id, field))
+            if value is not None and (
+                known is None or (recorded.occurred_at, recorded.position) > known[:2]
+            ):
+                newest[(recorded.customer_id, field)] = (
+                    recorded.occurred_at,
+                    recorded.position,
+                    str(value),
+                )
+    return newest
+
+
 def test_only_the_newest_identifiers_are_decrypted_and_they_match_a_full_decryption(
     sqlite_settings: Settings, tmp_path: Path
 ) -> None:
     with Ledger.open(sqlite_settings) as ledger:
         assert not ledger.append(generated(3_000, 150, seed=11)).rejected
-        newest: dict[tuple[str, str], tuple[object, int, str]] = {}
-        for recorded in ledger.read(0, 10_000, decrypt=True):
-            for field, value in (recorded.identifiers or {}).items():
-                known = newest.get((recorded.customer_id, field))
-                if value is not None and (
-                    known is None or (recorded.occurred_at, recorded.position) > known[:2]
-                ):
-                    newest[(recorded.customer_id, field)] = (
-                        recorded.occurred_at,
-                        recorded.position,
-                        str(value),
-                    )
+        newest = _newest_identifiers(ledger)
         with project(
             ledger, tmp_path / "p.duckdb", columnar=tmp_path / "columnar", segment_min_events=1
         ) as runner:
@@ -161,3 +168,46 @@ def test_only_the_newest_identifiers_are_decrypted_and_they_match_a_full_decrypt
             runner.con.execute("ROLLBACK")
             assert 0 < picked <= len(newest)
             assert picked < 3_000 // 4
+
+
+def test_bodies_that_do_not_name_their_identifiers_are_decrypted_whole(
+    sqlite_settings: Settings, tmp_path: Path
+) -> None:
+    """Bodies sealed before `identifier_fields` existed (the field absent: NULL) are
+    decrypted whole when they carry ciphertext, and only then; the identifiers come out as
+    a full decryption gives them."""
+    with Ledger.open(sqlite_settings) as ledger:
+        assert not ledger.append(generated(1_000, 60, seed=5)).rejected
+        # Events with nothing personal: no ciphertext, nothing to decrypt.
+        opened = [
+            event(f"plain-{i}", "2026-03-01T12:00:00Z", "email_opened", {"message_id": f"m-{i}"})
+            for i in range(5)
+        ]
+        assert not ledger.append(opened).rejected
+        newest = _newest_identifiers(ledger)
+        with project(
+            ledger, tmp_path / "p.duckdb", columnar=tmp_path / "columnar", segment_min_events=1
+        ) as runner:
+            con = runner.con
+            segments = [str(s.path) for s in (runner.copy.chain() if runner.copy else [])]
+            con.execute("BEGIN")
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE batch_events AS SELECT * REPLACE "
+                "(NULL::VARCHAR[] AS identifier_fields) FROM read_parquet(?)",
+                [segments],
+            )
+            with_ciphertext, without = con.execute(
+                "SELECT count(*) FILTER (WHERE personal IS NOT NULL), "
+                "count(*) FILTER (WHERE personal IS NULL) FROM batch_events"
+            ).fetchall()[0]
+            assert with_ciphertext and without  # both kinds are in the batch
+            con.execute("DELETE FROM customer_identifiers")
+            runner._identifier_candidates([])
+            con.execute(pick_sql())
+            picked = con.execute("SELECT count(*), count(fields) FROM id_pick").fetchall()
+            assert picked == [(with_ciphertext, 0)]  # each body with ciphertext, whole
+            decrypted = runner._decrypt_inline(runner._take_picked())
+            runner._identifiers_finish([decrypted])
+            got = rows(con, "customer_identifiers")
+            con.execute("ROLLBACK")
+            assert {(r[0], r[1]): (r[3], r[4], r[2]) for r in got} == newest
