@@ -80,7 +80,7 @@ GROUP BY l.customer_id, f.field;
 -- (its canonical customer and time). `fields`: the identifiers to take, a bit mask over
 -- $identifier_fields (the contract's identifier names, written in by the runner: a mask
 -- aggregates ~6x faster than a list); NULL: decrypt the whole body. A view, read
--- once, by `keep_picked` (small batches, decrypted in the runner's process) or by the
+-- once, by `picked` (small batches, decrypted in the runner's process) or by the
 -- runner's COPY to the worker processes' Parquet files (big batches: a temp table of the
 -- ciphertext would hold ~340 MB at 10M events until the batch commits). Candidates are
 -- grouped before the join: grouping the joined rows would hash every ciphertext.
@@ -100,15 +100,11 @@ SELECT c.position, b.customer_id AS stream_id, from_base64(b.personal) AS sealed
 FROM c
 JOIN batch_events b ON b.position = c.position;
 
--- name: keep_picked
-CREATE OR REPLACE TEMP TABLE id_picked AS SELECT * FROM id_pick;
-INSERT INTO id_meta SELECT position, customer_id, occurred_at FROM id_picked;
-
 -- name: picked
--- One round's events for the runner to decrypt, grouped by stream (it holds one stream's
--- key at a time).
-SELECT position, stream_id, sealed, aad, fields, customer_id
-FROM id_picked
+-- One round's events for the runner to decrypt in its own process, grouped by stream (it
+-- holds one stream's key at a time).
+SELECT position, stream_id, sealed, aad, fields, customer_id, occurred_at
+FROM id_pick
 ORDER BY stream_id, position;
 
 -- name: meta_from_files

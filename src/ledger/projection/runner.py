@@ -509,11 +509,12 @@ class ProjectionRunner:
     def _take_picked(self) -> pa.Table:
         """One round's picked events, to decrypt in this process (recorded in id_meta)."""
         con = self.con
-        _x(con, sql("identifiers", "keep_picked"))
         picked = con.sql(sql("identifiers", "picked")).to_arrow_table()
-        _x(con, "DROP TABLE id_picked")
+        con.register("id_picked_in", picked)
+        _x(con, "INSERT INTO id_meta SELECT position, customer_id, occurred_at FROM id_picked_in")
+        con.unregister("id_picked_in")
         _x(con, sql("identifiers", "picked_done"))
-        return picked
+        return picked.drop_columns(["occurred_at"])
 
     def _decrypt_inline(self, picked: pa.Table) -> workers.Decrypted:
         # Follow mode's small batches keep the key cache: their customers come back.
