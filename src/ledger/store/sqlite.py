@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import threading
@@ -28,6 +29,18 @@ _CHUNK = 5_000
 #: Pages the WAL may hold before a committing writer checkpoints it itself (64 MB): the
 #: fallback for when the background checkpointer falls behind (SQLite's default is 1,000).
 WAL_FALLBACK_PAGES = 16_384
+
+
+#: Wrapped keys of the customers in one JSON array parameter: SQLite unpacks it in C, where
+#: IN lists of bound parameters cost ~3.1 instead of ~1.7 us a key (100k keys, sorted).
+_KEYS_OF = (
+    "SELECT customer_id, wrapped_key FROM ledger_keys "
+    "WHERE customer_id IN (SELECT value FROM json_each(?))"
+)
+
+
+def _json_list(items: Sequence[str]) -> str:
+    return json.dumps(list(items))
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
@@ -173,15 +186,8 @@ class _SQLiteSession(WriteSession):
         return int(self.cur.fetchone()[0] or 0)
 
     def wrapped_keys(self, customer_ids: Sequence[str]) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
-        for chunk in _chunks(customer_ids):
-            self.cur.execute(
-                "SELECT customer_id, wrapped_key FROM ledger_keys "
-                f"WHERE customer_id IN ({','.join('?' * len(chunk))})",
-                list(chunk),
-            )
-            out.update((r[0], r[1]) for r in self.cur.fetchall())
-        return out
+        self.cur.execute(_KEYS_OF, (_json_list(customer_ids),))
+        return {r[0]: r[1] for r in self.cur.fetchall()}
 
     def insert_keys(self, rows: Sequence[tuple[str, bytes]]) -> None:
         self.cur.executemany("INSERT INTO ledger_keys VALUES (?, ?)", rows)
@@ -298,15 +304,7 @@ class SQLiteStore(EventStore):
         return [StoredRow(*r) for r in rows]
 
     def read_wrapped_keys(self, customer_ids: Sequence[str]) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
-        for chunk in _chunks(customer_ids):
-            rows = self._query(
-                "SELECT customer_id, wrapped_key FROM ledger_keys "
-                f"WHERE customer_id IN ({','.join('?' * len(chunk))})",
-                list(chunk),
-            )
-            out.update((r[0], r[1]) for r in rows)
-        return out
+        return {r[0]: r[1] for r in self._query(_KEYS_OF, (_json_list(customer_ids),))}
 
     def all_heads(self) -> Iterator[tuple[str, Head]]:
         for r in self._query("SELECT customer_id, last_sequence, head_hash FROM ledger_streams"):
