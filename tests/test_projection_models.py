@@ -7,11 +7,14 @@ import datetime as dt
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fixtures.projection_data import order, project
 from ledger.ledger import Ledger
-from ledger.projection import churn, lifecycle, rfm
+from ledger.projection import churn, lifecycle, rfm, workers
 from ledger.settings import Settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -94,6 +97,82 @@ def test_fold_orders_by_event_time_and_change_ids_are_deterministic() -> None:
     assert lifecycle.change_id("c", "e2", None, "customer") != lifecycle.change_id(
         "d", "e2", None, "customer"
     )
+
+
+_TOUCHES = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c"]),
+        st.sampled_from(lifecycle.RELEVANT_TYPES),
+        st.integers(min_value=0, max_value=500),  # day: late events and lapses both occur
+        st.sampled_from(["newsletter_signup", "contact", "demo_request", "quote_request"]),
+        st.sampled_from(["inbound", "outbound"]),
+        st.sampled_from(["positive", "negative"]),
+        st.sampled_from([3, 5]),
+    ),
+    max_size=14,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=_TOUCHES, cut=st.integers(min_value=0, max_value=14))
+def test_batch_fold_emits_per_position_what_each_history_gained(
+    rows: list[tuple[str, str, int, str, str, str, int]], cut: int
+) -> None:
+    """The runner's fold of a batch (positions after ``cut``; earlier touches given as
+    history) against the definition of the change stream: at position p, the changes in
+    the customer's history up to p that were not in it up to p-1. Both of its paths: the
+    one for batches without merges, and the general one (an unrelated merge forces it)."""
+    timeline = [
+        (
+            customer,
+            touch(
+                n,
+                type_,
+                day,
+                form_id=form,
+                direction=direction,
+                outcome="answered",
+                sentiment=sentiment,
+                satisfaction=score,
+            ),
+        )
+        for n, (customer, type_, day, form, direction, sentiment, score) in enumerate(rows, 1)
+    ]
+    after = min(cut, len(timeline))
+    names = workers.TOUCH_SCHEMA.names
+    table = pa.table(
+        {"customer_id": [c for c, _ in timeline]}
+        | {name: [getattr(t, name) for _, t in timeline] for name in names[1:]},
+        schema=workers.TOUCH_SCHEMA,
+    )
+
+    def upto(customer: str, position: int) -> list[lifecycle.Change]:
+        mine = [t for c, t in timeline if c == customer and t.position <= position]
+        return lifecycle.fold(customer, mine).changes
+
+    history = []
+    for customer in sorted({c for c, _ in timeline}):
+        changes = upto(customer, len(timeline))
+        history += [(customer, step, c.change_id) for step, c in enumerate(changes, 1)]
+        history += [] if changes else [(customer, 0, None)]
+    stream = []
+    for customer, t in timeline[after:]:
+        known = {c.change_id for c in upto(customer, t.position - 1)}
+        new = [c for c in upto(customer, t.position) if c.change_id not in known]
+        stream += [(t.position, k, c.change_id) for k, c in enumerate(new)]
+
+    unrelated = [("zz", "yy", len(timeline) + 1)]
+    for merges, cleared in (([], []), (unrelated, [("zz", 0, None)])):
+        folded = workers.fold(after, workers.LifecycleInputs(table, merges, []))
+        assert isinstance(folded.history, pa.Table) and isinstance(folded.changes, pa.Table)
+        got = folded.history.to_pydict()
+        assert list(zip(got["customer_id"], got["step"], got["change_id"], strict=True)) == (
+            history + cleared
+        )
+        got = folded.changes.to_pydict()
+        assert list(zip(got["ledger_position"], got["k"], got["change_id"], strict=True)) == (
+            stream
+        )
 
 
 # ------------------------------------------------------------------ RFM
