@@ -200,8 +200,9 @@ def _fold_streams(
     after: int, customers: list[str], touches: Any, inputs: LifecycleInputs
 ) -> tuple[dict[str, lifecycle.Fold], dict[str, int], list[tuple[int, int, lifecycle.Change]]]:
     """:func:`fold` when no merge is involved: every stream is its own group, so each is
-    folded on its own, its touches in position order (what the general loop does per touch,
-    without looking up the group, its timeline and its state for each; ~20 % of a fold)."""
+    folded on its own, its touches in position order: what the general loop does, without
+    looking up each touch's group, timeline and state (under a line profiler those lookups
+    were about a third of a rebuild partition's fold)."""
     by_customer: dict[str, list[lifecycle.Touch]] = {}
     for customer, touch in zip(customers, touches, strict=True):
         mine = by_customer.get(customer)
