@@ -123,8 +123,6 @@ def fold(after: int, inputs: LifecycleInputs) -> Folded:
             strict=True,
         ),
     )
-    if not merges:
-        return _folded(*_fold_streams(after, cols["customer_id"], touches, inputs), set())
     for customer, touch in zip(cols["customer_id"], touches, strict=True):
         if touch.position <= after:
             timelines.setdefault(root_at(customer, after), []).append(touch)
@@ -147,6 +145,7 @@ def fold(after: int, inputs: LifecycleInputs) -> Folded:
         timeline.sort(key=lambda t: t.order_key)
         states[customer] = lifecycle.fold(customer, timeline)
     groups = set(timelines)
+    history: list[tuple[str, int, lifecycle.Change | None]] = []
     emitted: list[tuple[int, int, lifecycle.Change]] = []
     merged_away: set[str] = set()
     for position, customer, maybe in fresh:
@@ -192,78 +191,9 @@ def fold(after: int, inputs: LifecycleInputs) -> Folded:
             continue
         for k, change in enumerate(new):
             emitted.append((position, k, change))
-    states = {g: states[g] for g in groups}
-    return _folded(states, offsets, emitted, merged_away | (set(edges) - groups))
-
-
-def _fold_streams(
-    after: int, customers: list[str], touches: Any, inputs: LifecycleInputs
-) -> tuple[dict[str, lifecycle.Fold], dict[str, int], list[tuple[int, int, lifecycle.Change]]]:
-    """:func:`fold` when no merge is involved: every stream is its own group, so each is
-    folded on its own, its touches in position order: what the general loop does, without
-    looking up each touch's group, timeline and state (under a line profiler those lookups
-    were about a third of a rebuild partition's fold)."""
-    by_customer: dict[str, list[lifecycle.Touch]] = {}
-    for customer, touch in zip(customers, touches, strict=True):
-        mine = by_customer.get(customer)
-        if mine is None:
-            by_customer[customer] = [touch]
-        else:
-            mine.append(touch)
-    resumed = {row[0]: row for row in inputs.resumed}
-    states: dict[str, lifecycle.Fold] = {}
-    offsets: dict[str, int] = {}
-    emitted: list[tuple[int, int, lifecycle.Change]] = []
-    for customer, mine in by_customer.items():
-        row = resumed.get(customer)
-        if row is not None:  # its earlier touches are not in the input: resume the state
-            _, stage, transitions, last_order_us, last_us, last_position = row
-            state = lifecycle.Fold(customer)
-            state.stage = stage
-            state.last_order_us = last_order_us
-            state.last_key = None if last_us is None else (last_us, last_position)
-            offsets[customer] = transitions
-            timeline: list[lifecycle.Touch] = []
-        elif mine[0].position <= after:  # earlier touches first: the history so far
-            timeline = [t for t in mine if t.position <= after]
-            mine = mine[len(timeline) :]
-            timeline.sort(key=lambda t: t.order_key)
-            state = lifecycle.fold(customer, timeline)
-        else:
-            state = lifecycle.Fold(customer)
-            timeline = []
-        for touch in mine:
-            position = touch.position
-            if state.last_key is None or (touch.occurred_us, position) > state.last_key:
-                before = len(state.changes)
-                state.step(touch)
-                timeline.append(touch)
-                if len(state.changes) > before:
-                    for k, change in enumerate(state.changes[before:]):
-                        emitted.append((position, k, change))
-            else:  # a late touch: refold, emit what the history did not hold before
-                known = {c.change_id for c in state.changes}
-                bisect.insort(timeline, touch, key=lambda t: t.order_key)
-                state = lifecycle.fold(customer, timeline)
-                new = [c for c in state.changes if c.change_id not in known]
-                for k, change in enumerate(new):
-                    emitted.append((position, k, change))
-        states[customer] = state
-    return states, offsets, emitted
-
-
-def _folded(
-    states: dict[str, lifecycle.Fold],
-    offsets: dict[str, int],
-    emitted: list[tuple[int, int, lifecycle.Change]],
-    cleared: set[str],
-) -> Folded:
-    """The fold's tables: each group's history (resumed groups: only the new steps), the
-    ``cleared`` customers (merged away) with no rows of their own, the changes in order."""
-    history: list[tuple[str, int, lifecycle.Change | None]] = []
+    by_customer = {g: states[g] for g in sorted(groups)}
     appended: set[str] = set()
-    for customer in sorted(states):
-        state = states[customer]
+    for customer, state in by_customer.items():
         offset = offsets.get(customer)
         if offset is not None:  # resumed: only the new steps, after the stored ones
             if state.changes:
@@ -275,7 +205,7 @@ def _folded(
             history.extend((customer, step, c) for step, c in enumerate(state.changes, 1))
         else:
             history.append((customer, 0, None))
-    for customer in sorted(cleared):
+    for customer in sorted(merged_away | (set(edges) - groups)):
         history.append((customer, 0, None))  # merged away: no rows of its own
     emitted.sort(key=lambda e: (e[0], e[1]))
     return Folded(_history_table(history, appended), _changes_table(emitted))
