@@ -4,6 +4,9 @@ rebuild equals incremental (SQLite, and the journey on PostgreSQL too)."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 from fixtures.projection_data import assert_same_tables, event, generated, order, project
 from ledger.ledger import Ledger
 from ledger.projection import lifecycle
-from ledger.projection.runner import ProjectionRunner
+from ledger.projection.runner import MAINTENANCE_SPACING, ProjectionRunner
 from ledger.settings import Settings
 
 UTC = dt.UTC
@@ -374,3 +377,51 @@ def test_a_big_batch_says_what_it_is_doing(sqlite_settings: Settings, tmp_path: 
     assert phases[: len(expected)] == expected
     # rfm/churn were computed inside the batch: refresh_derived had nothing left to do.
     assert phases[len(expected) :] == ["computing RFM and churn risk"]
+
+
+class _TimedPublishes(ProjectionRunner):
+    """The real runner, recording when the maintenance thread published snapshots."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.publishes: list[tuple[float, float]] = []
+
+    def publish(self, con: duckdb.DuckDBPyConnection | None = None) -> None:
+        began = time.monotonic()
+        super().publish(con)
+        if threading.current_thread().name == "projection-maintenance":
+            self.publishes.append((began, time.monotonic()))
+
+
+def test_following_spaces_publishes_by_how_long_they_take(
+    sqlite_settings: Settings, tmp_path: Path
+) -> None:
+    # With no minimum interval, the maintenance thread would publish back to back while
+    # batches keep the projections dirty (a third of the time or more, on the cores the
+    # batches need); spaced, each publish is followed by nine times its duration.
+    lines = generated(3_000, 150, seed=5)
+    with Ledger.open(sqlite_settings) as ledger:
+        ledger.append(lines[:1_000])
+        runner = _TimedPublishes(
+            ledger,
+            tmp_path / "p.duckdb",
+            snapshot_to=tmp_path / "p.snapshot.duckdb",
+            snapshot_interval=0.0,
+            batch_size=100,
+        )
+        runner.run()
+        stop = threading.Event()
+        follower = threading.Thread(target=runner.follow, args=(stop,))
+        follower.start()
+        try:
+            for start in range(1_000, len(lines), 50):
+                ledger.append(lines[start : start + 50])
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            follower.join()
+        runner.close()
+    spans = runner.publishes
+    assert len(spans) >= 2, spans
+    for (began, ended), (next_began, _) in itertools.pairwise(spans):
+        assert next_began - ended >= MAINTENANCE_SPACING * (ended - began) * 0.95
