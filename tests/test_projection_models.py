@@ -281,3 +281,15 @@ def test_risk_bands_and_engagement_fallback() -> None:
         "high",
         "high",
     ]
+
+
+def test_a_fit_that_stops_on_a_flat_ridge_is_judged_by_its_slope() -> None:
+    # (x - 1)^2 + (y - 2)^2 within bounds that cut off y at 1.5: the bounded minimum is
+    # (1, 1.5), where the objective pushes against the bound (flat within the bounds).
+    def bowl(p: np.ndarray) -> float:
+        return float((p[0] - 1.0) ** 2 + (p[1] - 2.0) ** 2)
+
+    bounds = [(-5.0, 5.0), (-5.0, 1.5)]
+    assert churn.projected_gradient(bowl, np.array([1.0, 1.5]), bounds) < 1e-8
+    assert churn.projected_gradient(bowl, np.array([1.0, 1.0]), bounds) == pytest.approx(2.0)
+    assert churn.projected_gradient(bowl, np.array([1.3, 1.5]), bounds) == pytest.approx(0.6)
