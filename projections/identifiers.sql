@@ -143,12 +143,21 @@ GROUP BY customer_id, field;
 -- id_newest (customer_id, field, value, occurred_at, position; one row per customer and
 -- field) into customer_identifiers: a value replaces the stored one if newer (event time,
 -- ties by position). Used by `merge` and by merges.sql (identifiers moving to a survivor).
-DELETE FROM customer_identifiers i USING id_newest n
-WHERE i.customer_id = n.customer_id AND i.field = n.field
-  AND (n.occurred_at > i.occurred_at
-       OR (n.occurred_at = i.occurred_at AND n.position > i.position));
+-- The stored rows of those (customer, field) pairs are read once (id_stored) and the
+-- replaced ones deleted by rowid, stable within the transaction (matching them again by
+-- customer and field cost a second scan of the table).
+CREATE OR REPLACE TEMP TABLE id_stored AS
+SELECT i.rowid AS old_row, i.customer_id, i.field,
+       n.occurred_at > i.occurred_at
+           OR (n.occurred_at = i.occurred_at AND n.position > i.position) AS replaced
+FROM customer_identifiers i
+JOIN id_newest n ON i.customer_id = n.customer_id AND i.field = n.field;
+DELETE FROM customer_identifiers
+WHERE rowid IN (SELECT old_row FROM id_stored WHERE replaced);
 INSERT INTO customer_identifiers
 SELECT n.* FROM id_newest n
-WHERE NOT EXISTS (SELECT 1 FROM customer_identifiers i
-                  WHERE i.customer_id = n.customer_id AND i.field = n.field);
+WHERE NOT EXISTS (SELECT 1 FROM id_stored s
+                  WHERE s.customer_id = n.customer_id AND s.field = n.field
+                    AND NOT s.replaced);
+DROP TABLE id_stored;
 DROP TABLE id_newest;

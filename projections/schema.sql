@@ -255,7 +255,7 @@ CREATE TABLE IF NOT EXISTS customer_aliases (
 
 -- The layout version (runner.LAYOUT_VERSION): a file of another layout needs --rebuild.
 CREATE TABLE IF NOT EXISTS projection_layout (version INTEGER NOT NULL);
-INSERT INTO projection_layout SELECT 6 WHERE NOT EXISTS (SELECT 1 FROM projection_layout);
+INSERT INTO projection_layout SELECT 7 WHERE NOT EXISTS (SELECT 1 FROM projection_layout);
 
 INSERT INTO projection_state VALUES (1, 0, 0, NULL) ON CONFLICT DO NOTHING;
 INSERT INTO derived_state VALUES (1, 0, NULL) ON CONFLICT DO NOTHING;

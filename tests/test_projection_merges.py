@@ -69,7 +69,7 @@ def test_merges_fold_into_survivor_and_rebuild_agrees(
             "SELECT customer_id, orders, revenue, events, email, lifecycle_stage "
             "FROM customer_360 ORDER BY customer_id"
         ).fetchall() == [("cus_a", 6, 46, 12, "b@example.com", "customer")]
-        for table in ("customer_facts", "customer_360_base", "lifecycle", "rfm", "churn_risk"):
+        for table in ("customer_facts", "customer_identifiers", "lifecycle", "rfm", "churn_risk"):
             assert con.execute(f"SELECT DISTINCT customer_id FROM {table}").fetchall() == [
                 ("cus_a",)
             ], table

@@ -44,14 +44,13 @@ from ledger.store import StoredRow
 _TS = pa.timestamp("us", tz="UTC")
 _SMALL_BATCH = 2_000
 #: The table layout of projections/schema.sql; a file of another layout needs --rebuild.
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 ProgressFn = Callable[[int, int], None]
 #: WAL size at which DuckDB checkpoints by itself while following (see ``follow``).
 FOLLOW_CHECKPOINT_MB = 1024
 #: The tables a follow-mode batch reads or rewrites (warmed up before following).
 _WARM_TABLES = (
     "customer_facts",
-    "customer_360_base",
     "customer_identifiers",
     "touches",
     "lifecycle",
@@ -152,7 +151,6 @@ class ProjectionRunner:
             self.con.register("segments_in", segment_table())
             _x(self.con, "INSERT INTO rfm_segments SELECT * FROM segments_in")
             self.con.unregister("segments_in")
-        _x(self.con, sql("customer_360", "base"))
         _x(self.con, sql("customer_360", "view"))
         self._threads = int(_x(self.con, "SELECT current_setting('threads')")[0][0])
         self._threads_now = self._threads
@@ -407,7 +405,6 @@ class ProjectionRunner:
         finally:
             if work is not None:
                 shutil.rmtree(work, ignore_errors=True)
-        _x(con, sql("customer_360", "refresh_affected"))
         _x(con, "UPDATE projection_state SET position = ?, changes = ?", [last, changes])
 
     def _phase(self, what: str) -> None:
