@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from fixtures.projection_data import assert_same_tables, event, generated, order, project
+from fixtures.projection_data import assert_same_tables, event, generated, order, project, rows
 from ledger.ledger import Ledger
 from ledger.projection import lifecycle
 from ledger.projection.runner import MAINTENANCE_SPACING, ProjectionRunner
@@ -425,3 +425,39 @@ def test_following_spaces_publishes_by_how_long_they_take(
     assert len(spans) >= 2, spans
     for (began, ended), (next_began, _) in itertools.pairwise(spans):
         assert next_began - ended >= MAINTENANCE_SPACING * (ended - began) * 0.95
+
+
+def test_following_fits_the_churn_model_in_a_worker_process_with_the_same_result(
+    sqlite_settings: Settings, tmp_path: Path
+) -> None:
+    lines = generated(3_000, 150, seed=7)
+    with Ledger.open(sqlite_settings) as ledger:
+        ledger.append(lines[:2_000])
+        runner = ProjectionRunner(
+            ledger, tmp_path / "follow.duckdb", derive_interval=0.0, fit_offload_min=1
+        )
+        runner.run()  # not following: fitted in this process
+        assert runner._offload._pool is None
+        stop = threading.Event()
+        follower = threading.Thread(target=runner.follow, args=(stop,))
+        follower.start()
+        try:
+            ledger.append(lines[2_000:])
+            deadline = time.monotonic() + 60
+            while runner.con.cursor().execute(
+                "SELECT derived_position FROM derived_state"
+            ).fetchall() != [(len(lines),)]:
+                assert time.monotonic() < deadline, "the maintenance thread did not derive"
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            follower.join()
+        # The maintenance thread's fit went to the runner's worker processes.
+        assert runner._offload._pool is not None
+        followed = runner.con.execute("SELECT * FROM churn_model").fetchall()
+        scores = rows(runner.con, "churn_risk")
+        runner.close()
+        with project(ledger, tmp_path / "inline.duckdb") as inline:
+            assert followed == inline.con.execute("SELECT * FROM churn_model").fetchall()
+            assert scores == rows(inline.con, "churn_risk")
+    assert followed[0][-2] is True  # converged: the model scored the customers

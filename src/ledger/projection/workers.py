@@ -1,4 +1,5 @@
-"""The runner's Python steps: folding lifecycle stages and decrypting identifiers.
+"""The runner's Python steps: folding lifecycle stages, decrypting identifiers, and
+(following) fitting the churn model.
 
 Both are per-customer Python work that SQL cannot do (the stage rules of
 :mod:`ledger.projection.lifecycle`, AES-GCM). They are pure functions of Arrow
@@ -31,7 +32,7 @@ from cryptography.exceptions import InvalidTag
 
 from ledger import keyring as kr
 from ledger.contract import Identifiers
-from ledger.projection import lifecycle
+from ledger.projection import churn, lifecycle
 from ledger.settings import Settings
 from ledger.store import EventStore, open_store
 
@@ -459,6 +460,10 @@ class Offload:
     ) -> Future[Decrypted]:
         """Decrypt one partition of picked events (Parquet directory) into the file ``out``."""
         return self._executor().submit(_decrypt_part, picked, keys, settings, out)
+
+    def fit(self, x: Any, t_x: Any, big_t: Any) -> Future[churn.BgNbdFit]:
+        """Fit the BG/NBD churn model (:func:`churn.fit`) in a worker process."""
+        return self._executor().submit(churn.fit, x, t_x, big_t)
 
     def close(self) -> None:
         if self._pool is not None:
