@@ -20,7 +20,7 @@ from fixtures.projection_data import generated
 from ledger.ledger import Ledger
 from ledger.projection import subscribe as sub
 from ledger.projection.runner import ProjectionRunner
-from ledger.projection.snapshot import SNAPSHOT_TABLES
+from ledger.projection.snapshot import LOOKUP_INDEX, SNAPSHOT_TABLES, connect
 from ledger.settings import Settings
 
 
@@ -217,3 +217,21 @@ def test_a_file_of_another_layout_asks_for_a_rebuild(loaded: Settings) -> None:
     rebuilt = run(loaded, "project", "--rebuild")
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "(1,500 events applied)" in rebuilt.stdout
+
+
+def test_the_snapshot_looks_customers_up_by_index(loaded: Settings) -> None:
+    done = run(loaded, "project")
+    assert done.returncode == 0, done.stderr
+    with connect(loaded) as con:
+        assert con.execute(
+            "SELECT table_name, expressions FROM duckdb_indexes() WHERE index_name = ?",
+            [LOOKUP_INDEX],
+        ).fetchall() == [("customer_360", "[customer_id]")]
+        some = con.execute("SELECT customer_id FROM customer_360 LIMIT 1").fetchall()[0][0]
+        # The plan as run (EXPLAIN alone shows the sequential scan it may replace).
+        plan = con.execute(
+            f"EXPLAIN ANALYZE SELECT * FROM customer_360 WHERE customer_id = '{some}'"
+        ).fetchall()[0][1]
+        assert "Index Scan" in plan, plan
+        row = con.execute("SELECT * FROM customer_360 WHERE customer_id = ?", [some]).fetchall()
+        assert len(row) == 1 and row[0][0] == some
