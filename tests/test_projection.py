@@ -13,7 +13,15 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from fixtures.projection_data import assert_same_tables, event, generated, order, project, rows
+from fixtures.projection_data import (
+    assert_same_tables,
+    event,
+    following,
+    generated,
+    order,
+    project,
+    rows,
+)
 from ledger.ledger import Ledger
 from ledger.projection import lifecycle
 from ledger.projection.runner import MAINTENANCE_SPACING, ProjectionRunner
@@ -410,16 +418,10 @@ def test_following_spaces_publishes_by_how_long_they_take(
             batch_size=100,
         )
         runner.run()
-        stop = threading.Event()
-        follower = threading.Thread(target=runner.follow, args=(stop,))
-        follower.start()
-        try:
+        with following(runner):
             for start in range(1_000, len(lines), 50):
                 ledger.append(lines[start : start + 50])
                 time.sleep(0.05)
-        finally:
-            stop.set()
-            follower.join()
         runner.close()
     spans = runner.publishes
     assert len(spans) >= 2, spans
@@ -438,10 +440,7 @@ def test_following_fits_the_churn_model_in_a_worker_process_with_the_same_result
         )
         runner.run()  # not following: fitted in this process
         assert runner._offload._pool is None
-        stop = threading.Event()
-        follower = threading.Thread(target=runner.follow, args=(stop,))
-        follower.start()
-        try:
+        with following(runner):
             ledger.append(lines[2_000:])
             deadline = time.monotonic() + 60
             while runner.con.cursor().execute(
@@ -449,9 +448,6 @@ def test_following_fits_the_churn_model_in_a_worker_process_with_the_same_result
             ).fetchall() != [(len(lines),)]:
                 assert time.monotonic() < deadline, "the maintenance thread did not derive"
                 time.sleep(0.05)
-        finally:
-            stop.set()
-            follower.join()
         # The maintenance thread's fit went to the runner's worker processes.
         assert runner._offload._pool is not None
         followed = runner.con.execute("SELECT * FROM churn_model").fetchall()
@@ -460,4 +456,5 @@ def test_following_fits_the_churn_model_in_a_worker_process_with_the_same_result
         with project(ledger, tmp_path / "inline.duckdb") as inline:
             assert followed == inline.con.execute("SELECT * FROM churn_model").fetchall()
             assert scores == rows(inline.con, "churn_risk")
-    assert followed[0][-2] is True  # converged: the model scored the customers
+            # Converged: the model, not the engagement fallback, scored the purchasers.
+            assert inline.con.execute("SELECT converged FROM churn_model").fetchall() == [(True,)]

@@ -761,11 +761,9 @@ class ProjectionRunner:
 
         Batches are applied here as soon as they appear; a background thread recomputes
         rfm / churn (every ``derive_interval`` s) and publishes snapshots (every
-        ``snapshot_interval`` s; either waits longer when the last one took more than a
-        ``MAINTENANCE_SPACING``-th of that) on its own connection, so neither delays a
-        batch. Other
-        processes query through the socket (``serve_at``), which sees each batch as soon
-        as it commits.
+        ``snapshot_interval`` s, or ``spaced`` further apart when they take long) on its own
+        connection, so neither delays a batch. Other processes query through the socket
+        (``serve_at``), which sees each batch as soon as it commits.
         """
         if self.snapshot_to is not None and not self.snapshot_to.exists():
             self.publish()
