@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -731,32 +731,6 @@ class ProjectionRunner:
         self._published_at = time.monotonic()
         self._publish_took = self._published_at - began
 
-    def _start_publish(self, con: duckdb.DuckDBPyConnection) -> _Publishing:
-        """Following, a publish that does not take the batches' CPU: this process only
-        exports the tables (``con``: the maintenance thread's cursor) and the idle-priority
-        worker process builds and renames the file (snapshot.py)."""
-        assert self.snapshot_to is not None
-        self._dirty = False
-        began = time.monotonic()
-        work = self.path.parent / f".{self.path.name}.work-{os.getpid()}-snapshot"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        try:
-            snapshot.export(con, work)
-            return _Publishing(self._offload.publish(work, self.snapshot_to), work, began)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-
-    def _end_publish(self, publishing: _Publishing) -> None:
-        """Wait for a publish under way and record when it ended and how long it took."""
-        try:
-            publishing.future.result()
-        finally:
-            shutil.rmtree(publishing.work, ignore_errors=True)
-        self._published_at = time.monotonic()
-        self._publish_took = self._published_at - publishing.began
-
     def run(
         self,
         *,
@@ -798,11 +772,7 @@ class ProjectionRunner:
         # stalling that batch for hundreds of ms. Following, checkpoint on our schedule
         # instead: in the maintenance thread, between batches (see _maintain).
         _x(self.con, f"SET checkpoint_threshold = '{FOLLOW_CHECKPOINT_MB}MB'")
-        # The worker processes start now (while DuckDB warms up, which releases the GIL),
-        # not on the first derive or publish in the middle of following.
-        starting = _Worker(self._offload.start)
         self._warm_up()
-        starting.result()
         position, derived, _ = self._state()
         if position == derived:
             self._derived_at = time.monotonic()  # fresh already: wait a full interval
@@ -848,43 +818,22 @@ class ProjectionRunner:
 
     def _maintain(self, done: threading.Event, failure: list[BaseException]) -> None:
         con = self.con.cursor()
-        # A snapshot being built by the idle worker: derives go on meanwhile.
-        publishing: _Publishing | None = None
         try:
             _x(con, "SET TimeZone = 'UTC'")
             while not done.is_set():
                 now = time.monotonic()
                 if now - self._derived_at >= spaced(self.derive_interval, self._derive_took):
                     self.refresh_derived(con=con)
-                if publishing is not None and publishing.future.done():
-                    self._end_publish(publishing)
-                    publishing = None
                 publish_every = spaced(self.snapshot_interval, self._publish_took)
-                if (
-                    publishing is None
-                    and self.snapshot_to is not None
-                    and self._dirty
-                    and now - self._published_at >= publish_every
-                ):
-                    publishing = self._start_publish(con)
+                if self._dirty and now - self._published_at >= publish_every:
+                    self.publish(con)
                 if now - self._applied_at >= IDLE_CHECKPOINT_SECONDS and self._wal_mb() >= 64:
                     _x(con, "CHECKPOINT")  # quiet for a while: fold the WAL in now
                 done.wait(0.05)
-            if publishing is not None:
-                # Before follow's last publish: this older one must not rename over it.
-                self._end_publish(publishing)
         except BaseException as exc:
             failure.append(exc)
         finally:
             con.close()
-
-
-class _Publishing(NamedTuple):
-    """A snapshot the idle worker is building from the export in ``work``."""
-
-    future: Future[None]
-    work: Path
-    began: float
 
 
 class _Pending:

@@ -7,11 +7,6 @@ over ``projections.snapshot.duckdb``. The rename is atomic: a reader opens
 either the previous snapshot or the new one, never a half-written file, and a
 snapshot always holds whole batches (it is copied between transactions).
 A reader keeps the file it opened even when a newer one replaces it.
-
-While following, building the file (materialising customer_360, compressing at
-commit: ~1 s of CPU at 1M events) would take the cores the batches need, so the
-runner only ``export``s the tables as Arrow files and a worker process at idle
-CPU priority builds the snapshot from them (``publish_exported``).
 """
 
 from __future__ import annotations
@@ -22,10 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 
 from ledger.ledger import LedgerError
-from ledger.projection.definitions import sql
 from ledger.settings import Settings
 
 #: Tables (and the customer_360 view, materialised) copied into every snapshot.
@@ -45,16 +38,6 @@ SNAPSHOT_TABLES: tuple[str, ...] = (
 
 #: The index on customer_360 (customer_id) in every snapshot.
 LOOKUP_INDEX = "customer_360_by_id"
-#: What an exported snapshot holds: its tables, customer_360 as the inputs of its view.
-EXPORTED_TABLES: tuple[str, ...] = (
-    "customer_facts",
-    "customer_identifiers",
-    *(t for t in SNAPSHOT_TABLES if t != "customer_360"),
-)
-#: Rows per Arrow record batch while exporting (bounds the memory the export holds).
-_EXPORT_ROWS = 100_000
-#: DuckDB's memory limit in the process that builds a snapshot from an export.
-EXPORT_MEMORY_LIMIT = "700MB"
 
 
 def snapshot_path(settings: Settings) -> Path:
@@ -70,8 +53,7 @@ def publish(con: duckdb.DuckDBPyConnection, target: Path) -> None:
     try:
         con.execute("BEGIN")
         for table in SNAPSHOT_TABLES:
-            # Unqualified: the runner's tables, or the Arrow inputs of `publish_exported`.
-            con.execute(f"CREATE TABLE snap.{table} AS SELECT * FROM {table}")
+            con.execute(f"CREATE TABLE snap.{table} AS SELECT * FROM main.{table}")
         # One customer's 360 row is what applications ask for most: an ART index makes it a
         # point lookup (100k customers: p50 8.4 -> 2.8 ms, p99 17 -> 7.4 ms) for 0.12 s
         # more per publish.
@@ -80,49 +62,6 @@ def publish(con: duckdb.DuckDBPyConnection, target: Path) -> None:
     finally:
         con.execute("DETACH snap")
     os.replace(tmp, target)
-
-
-def export(con: duckdb.DuckDBPyConnection, directory: Path) -> None:
-    """Write ``EXPORTED_TABLES`` from ``con`` (one transaction: one consistent state) to
-    Arrow IPC files ``directory/<table>.arrow``, for ``publish_exported``.
-
-    ``con`` should be a cursor of its own: it is set to export UUIDs as Arrow's UUID type
-    (else they come back as VARCHAR), a session setting.
-    """
-    con.execute("SET SESSION arrow_lossless_conversion = true")
-    con.execute("BEGIN")
-    try:
-        for table in EXPORTED_TABLES:
-            reader = con.sql(f"SELECT * FROM {table}").to_arrow_reader(_EXPORT_ROWS)
-            with (
-                pa.OSFile(str(directory / f"{table}.arrow"), "wb") as sink,
-                pa.ipc.new_file(sink, reader.schema) as writer,
-            ):
-                for batch in reader:
-                    writer.write_batch(batch)
-    finally:
-        con.execute("ROLLBACK")
-
-
-def publish_exported(directory: Path, target: Path) -> None:
-    """Build and publish the snapshot of an ``export`` (run in a worker process): the same
-    tables, customer_360 computed by its view over the exported inputs."""
-    con = duckdb.connect()
-    try:
-        con.execute("SET TimeZone = 'UTC'")
-        # It spills beyond, beside the export (an in-memory database would spill into the
-        # working directory).
-        con.execute(f"SET memory_limit = '{EXPORT_MEMORY_LIMIT}'")
-        spill = str(directory / "spill").replace("'", "''")
-        con.execute(f"SET temp_directory = '{spill}'")
-        for table in EXPORTED_TABLES:
-            # Memory-mapped: DuckDB reads the file's pages, nothing is copied into Python.
-            source = pa.ipc.open_file(pa.memory_map(str(directory / f"{table}.arrow")))
-            con.register(table, source.read_all())
-        con.execute(sql("customer_360", "view"))
-        publish(con, target)
-    finally:
-        con.close()
 
 
 def remove_stale(target: Path) -> None:

@@ -1,5 +1,5 @@
 """The runner's Python steps: folding lifecycle stages, decrypting identifiers, and
-(following) fitting the churn model and building snapshots.
+(following) fitting the churn model.
 
 Both are per-customer Python work that SQL cannot do (the stage rules of
 :mod:`ledger.projection.lifecycle`, AES-GCM). They are pure functions of Arrow
@@ -8,9 +8,7 @@ inputs with Arrow results, so a big batch can run them in worker processes
 DuckDB busy: in threads they would share one GIL with each other and with the
 runner (a 1M-event rebuild spent ~4 s of Python on one core). Small batches (follow
 mode) run them inline, where starting or feeding processes would cost more than the
-work. Following, the churn fit and the building of snapshot files (DuckDB work,
-:func:`snapshot.publish_exported`) go to processes as well, so that they do not take the
-CPU or the GIL the batches wait for.
+work.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ from cryptography.exceptions import InvalidTag
 
 from ledger import keyring as kr
 from ledger.contract import Identifiers
-from ledger.projection import churn, lifecycle, snapshot
+from ledger.projection import churn, lifecycle
 from ledger.settings import Settings
 from ledger.store import EventStore, open_store
 
@@ -430,28 +428,8 @@ def _start_worker() -> None:
     gc.freeze()
 
 
-def _started() -> int:
-    """A task that only says which process ran it: submitting it makes the pool start a
-    process, and the short sleep lets a second task go to another."""
-    time.sleep(0.05)
-    return os.getpid()
-
-
-def _start_idle_worker() -> None:
-    """A worker that runs only on CPU time nobody else wants (Linux's SCHED_IDLE; the
-    highest niceness elsewhere): following, it builds snapshots beside batches whose
-    freshness counts, and at niceness 10 it still doubled their wall time on two cores."""
-    _start_worker()
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        os.nice(19 - WORKER_NICENESS)
-
-
 class Offload:
-    """Worker processes for the Python steps of big batches and the churn fit while
-    following, plus one at idle priority that builds snapshots while following (all
-    started on first use, or by ``start``).
+    """Worker processes for the Python steps of big batches (started on first use).
 
     ``spawn``, not ``fork``: the runner's process has DuckDB's threads running, and a
     forked child would inherit their locks mid-use.
@@ -460,8 +438,6 @@ class Offload:
     def __init__(self, processes: int):
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
-        #: One process at idle priority for snapshots (``publish``).
-        self._idle: ProcessPoolExecutor | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -489,35 +465,7 @@ class Offload:
         """Fit the BG/NBD churn model (:func:`churn.fit`) in a worker process."""
         return self._executor().submit(churn.fit, x, t_x, big_t)
 
-    def _idle_executor(self) -> ProcessPoolExecutor:
-        if self._idle is None:
-            self._idle = ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_idle_worker,
-            )
-        return self._idle
-
-    def publish(self, exported: Path, target: Path) -> Future[None]:
-        """Build and publish a snapshot from an export (:func:`snapshot.publish_exported`)
-        in the idle-priority process."""
-        return self._idle_executor().submit(snapshot.publish_exported, exported, target)
-
-    def start(self) -> None:
-        """Start every worker process (and the idle one) now, not on the first task:
-        starting one costs ~0.5 s of CPU (imports) before its niceness applies, which
-        following should pay when it starts rather than in the middle."""
-        executor = self._executor()
-        seen: set[int] = set()
-        for _ in range(20):  # a busy worker leaves the next task to one that has started
-            tasks = [executor.submit(_started) for _ in range(self.processes)]
-            seen.update(f.result() for f in tasks)
-            if len(seen) >= self.processes:
-                break
-        self._idle_executor().submit(_started).result()
-
     def close(self) -> None:
-        for pool in (self._pool, self._idle):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        self._pool = self._idle = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
