@@ -426,6 +426,12 @@ def bench_freshness(home: Path, rate: int, seconds: float) -> dict[str, Any]:
             while max((p for p, _ in seen_by["snapshot"]), default=0) < last:
                 if time.monotonic() > deadline + seconds + 120:
                     break
+                if follower.poll() is not None:
+                    assert follower.stderr is not None
+                    raise SystemExit(
+                        f"the follower exited ({follower.returncode}): "
+                        f"{follower.stderr.read().decode()[-2000:]}"
+                    )
                 time.sleep(0.1)
         stop.set()
         for reader in readers:
