@@ -358,6 +358,16 @@ def bench_sql_vs_pandas(home: Path) -> dict[str, Any]:
     }
 
 
+def _stop_if_exited(follower: subprocess.Popen[bytes]) -> None:
+    """End the benchmark with the follower's own error once it has exited."""
+    if follower.poll() is not None:
+        assert follower.stderr is not None
+        raise SystemExit(
+            f"the follower exited ({follower.returncode}): "
+            f"{follower.stderr.read().decode()[-2000:]}"
+        )
+
+
 def bench_freshness(home: Path, rate: int, seconds: float) -> dict[str, Any]:
     copy = home.with_name(home.name + "-fresh")
     shutil.rmtree(copy, ignore_errors=True)
@@ -368,7 +378,9 @@ def bench_freshness(home: Path, rate: int, seconds: float) -> dict[str, Any]:
     # Generated before the clock starts: making up events (~60 us each) is the data
     # source's work, not the ledger's, and on two cores it took a third of one from the
     # runner being measured. Appending them (validate, seal, commit) stays in the loop.
-    lines = iter(list(generate_events(20_000, int(rate * seconds) + 1_000, seed=99)))
+    # 20,000 new customers, fewer for a short run: each needs at least one of its events.
+    appended = int(rate * seconds) + 1_000
+    lines = iter(list(generate_events(min(20_000, appended // 4), appended, seed=99)))
     follower = subprocess.Popen(
         ledger_cmd("project", "--follow", "--batch-size", "100000"),
         env=env_for(copy),
@@ -380,8 +392,9 @@ def bench_freshness(home: Path, rate: int, seconds: float) -> dict[str, Any]:
     try:
         deadline = time.monotonic() + 300
         while not (serve.socket_path(s).exists() and snapshot.snapshot_path(s).exists()):
-            if time.monotonic() > deadline or follower.poll() is not None:
-                raise SystemExit("the follower did not start serving")
+            _stop_if_exited(follower)
+            if time.monotonic() > deadline:
+                raise SystemExit("the follower did not start serving within 300 s")
             time.sleep(0.1)
         stop = threading.Event()
 
@@ -426,12 +439,7 @@ def bench_freshness(home: Path, rate: int, seconds: float) -> dict[str, Any]:
             while max((p for p, _ in seen_by["snapshot"]), default=0) < last:
                 if time.monotonic() > deadline + seconds + 120:
                     break
-                if follower.poll() is not None:
-                    assert follower.stderr is not None
-                    raise SystemExit(
-                        f"the follower exited ({follower.returncode}): "
-                        f"{follower.stderr.read().decode()[-2000:]}"
-                    )
+                _stop_if_exited(follower)
                 time.sleep(0.1)
         stop.set()
         for reader in readers:

@@ -248,18 +248,36 @@ def test_query_and_subscribe_while_follow_writes(sqlite_settings: Settings, tmp_
 
 
 _FIRST_BATCH = """
-import sys
+import sys, threading, time
 from ledger.ledger import Ledger
 from ledger.projection.runner import ProjectionRunner
 from ledger.settings import Settings
 
+
+class FirstBatch(ProjectionRunner):
+    # The real runner, noting the modules its first batch imported.
+    imported = None
+
+    def apply(self, rows, *, after):
+        before = set(sys.modules)
+        super().apply(rows, after=after)
+        if self.imported is None:
+            self.imported = sorted(set(sys.modules) - before)
+
+
 settings = Settings()
 with Ledger.open(settings) as ledger:
-    with ProjectionRunner.for_settings(ledger, settings, columnar=None) as runner:
-        runner._warm_up()
-        before = set(sys.modules)
-        assert runner.catch_up() > 0
-        print(" ".join(sorted(set(sys.modules) - before)))
+    with FirstBatch.for_settings(ledger, settings, columnar=None) as runner:
+        stop = threading.Event()
+        follower = threading.Thread(target=runner.follow, args=(stop,))
+        follower.start()
+        deadline = time.monotonic() + 60
+        while runner.imported is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        follower.join()
+        assert runner.imported is not None, "following applied no batch"
+        print(" ".join(runner.imported))
 """
 
 
@@ -268,7 +286,7 @@ def test_following_warms_up_what_the_first_batch_would_import(
 ) -> None:
     # In a fresh process the first batch imported pandas (DuckDB does on its first Arrow
     # registration) and pyarrow.compute: 0.5-1.2 s of one core while appends queued up.
-    # After the warm-up that follow runs before serving, the first batch imports neither.
+    # `follow` warms up before its first batch, which then imports neither.
     lines = generated(1_500, 80, seed=13)
     with Ledger.open(sqlite_settings) as ledger:
         ledger.append(lines[:1_000])
