@@ -302,3 +302,72 @@ def test_following_warms_up_what_the_first_batch_would_import(
     assert done.returncode == 0, done.stderr
     imported = done.stdout.split()
     assert not [m for m in imported if m.split(".")[0] in ("pandas", "pyarrow")], imported
+
+
+_FIRST_DERIVE = """
+import multiprocessing, sys, threading, time
+from ledger.ledger import Ledger
+from ledger.projection.runner import ProjectionRunner
+from ledger.settings import Settings
+
+
+class FirstDerive(ProjectionRunner):
+    # The real runner, noting what its first derive while following imported and which
+    # worker processes were running before and after it.
+    seen = None
+
+    def refresh_derived(self, **kw):
+        before = (set(sys.modules), {p.pid for p in multiprocessing.active_children()})
+        done = super().refresh_derived(**kw)
+        if done and self.seen is None and self._background:
+            after = {p.pid for p in multiprocessing.active_children()}
+            self.seen = (sorted(set(sys.modules) - before[0]), sorted(before[1]), sorted(after))
+        return done
+
+
+settings = Settings()
+with Ledger.open(settings) as ledger:
+    # fit_offload_min=1: this small ledger's fit goes to a worker process, as 1,000
+    # purchasers' would.
+    with FirstDerive.for_settings(
+        ledger, settings, columnar=None, derive_interval=0.3, fit_offload_min=1
+    ) as runner:
+        stop = threading.Event()
+        follower = threading.Thread(target=runner.follow, args=(stop,))
+        follower.start()
+        deadline = time.monotonic() + 60
+        while runner.seen is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        follower.join()
+        assert runner.seen is not None, "following derived nothing"
+        imported, before, after = runner.seen
+        print(" ".join(imported))
+        print(" ".join(map(str, before)))
+        print(" ".join(map(str, after)))
+"""
+
+
+def test_following_prepares_the_churn_fit_before_its_first_derive(
+    sqlite_settings: Settings,
+) -> None:
+    # The first derive while following imported scipy in the runner (~0.3 s holding the GIL
+    # batches need) and spawned the fit's worker process (~1 s of a core): 30 s into
+    # following, with appends arriving. `follow` now does both before it serves.
+    lines = generated(1_500, 80, seed=17)
+    with Ledger.open(sqlite_settings) as ledger:
+        ledger.append(lines[:1_000])
+        project(ledger, sqlite_settings.projections_path).close()
+        ledger.append(lines[1_000:])
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_DERIVE],
+        env=_env(sqlite_settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    imported, before, after = (line.split() for line in done.stdout.splitlines())
+    assert not [m for m in imported if m.split(".")[0] == "scipy"], imported
+    assert before, "no worker process was running before the first derive"
+    assert before == after, "the first derive started a worker process"

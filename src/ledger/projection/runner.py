@@ -801,8 +801,9 @@ class ProjectionRunner:
             self.publish()
 
     def _warm_up(self) -> None:
-        """Read the tables every batch touches into DuckDB's buffers before following, and
-        load the modules a batch's Arrow hand-offs import on first use.
+        """Read the tables every batch touches into DuckDB's buffers before following, load
+        the modules a batch's Arrow hand-offs import on first use, and make the churn fit
+        ready (scipy, its worker process).
 
         Otherwise the first batches after start read them from disk (a 250-event batch took
         ~0.8 s instead of ~0.2 s at 1M events), before anyone can query the runner; and
@@ -812,6 +813,13 @@ class ProjectionRunner:
         """
         for table in _WARM_TABLES:
             _x(self.con, f"SELECT max(hash(t)) FROM {table} t")
+        # The first derive (after derive_interval s of following) imported scipy here
+        # (~0.3 s holding the GIL that batches wait for) and spawned the fit's worker
+        # process (~1 s of a core): both now, before anyone reads or appends.
+        churn.preload()
+        purchasers = _x(self.con, "SELECT count(DISTINCT customer_id) FROM purchases")[0][0]
+        if purchasers >= self.fit_offload_min:
+            self._offload.start_fitter()
         sample = pa.table({"body": pa.array([b"{}"], pa.binary()).cast(pa.string())})
         self.con.register("warm_up_in", sample)
         try:

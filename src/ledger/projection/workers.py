@@ -461,6 +461,11 @@ class Offload:
         """Decrypt one partition of picked events (Parquet directory) into the file ``out``."""
         return self._executor().submit(_decrypt_part, picked, keys, settings, out)
 
+    def start_fitter(self) -> None:
+        """Start one worker process and load scipy into it, so that a later :meth:`fit`
+        finds it ready (spawning one costs ~1 s of a core)."""
+        self._executor().submit(churn.preload).result()
+
     def fit(self, x: Any, t_x: Any, big_t: Any) -> Future[churn.BgNbdFit]:
         """Fit the BG/NBD churn model (:func:`churn.fit`) in a worker process."""
         return self._executor().submit(churn.fit, x, t_x, big_t)
