@@ -49,6 +49,15 @@ FROM (
 CREATE OR REPLACE TEMP VIEW batch_events AS
 SELECT * FROM read_parquet($files) WHERE position > $after AND position <= $upto;
 
+-- name: legacy
+-- The batch's events whose body holds ciphertext but does not name its identifiers
+-- (appended before `identifier_fields` existed; usually none). Every other body names them
+-- (`[]` for free text only) exactly when it holds ciphertext (src/ledger/ledger.py), so
+-- `load` and the identifier candidates know which events hold personal data without
+-- reading the ciphertext column: at 10M events that read was 1.2 s of the 6.6 s `load`.
+CREATE OR REPLACE TEMP TABLE batch_legacy AS
+SELECT position FROM batch_events WHERE identifier_fields IS NULL AND personal IS NOT NULL;
+
 -- name: load
 -- customer_id is the canonical customer (customer_aliases: merges, projections/merges.sql).
 INSERT INTO events
@@ -56,7 +65,7 @@ SELECT position, coalesce(a.canonical_id, b.customer_id), sequence,
        event_id, type, channel, occurred_at, recorded_at, source,
        order_id, amount, currency, form_id, ticket_id, priority, satisfaction,
        purpose, status, direction, outcome, sentiment, campaign_id, bounce_type, url,
-       personal IS NOT NULL
+       identifier_fields IS NOT NULL OR b.position IN (SELECT position FROM batch_legacy)
 FROM batch_events b
 LEFT JOIN customer_aliases a ON a.customer_id = b.customer_id;
 

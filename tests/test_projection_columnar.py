@@ -12,6 +12,7 @@ import duckdb
 
 from fixtures.projection_data import assert_same_tables, event, generated, project, rows
 from ledger.ledger import Ledger
+from ledger.projection.definitions import sql
 from ledger.projection.runner import ProjectionRunner, pick_sql
 from ledger.projection.segments import ColumnarCopy
 from ledger.settings import Settings
@@ -190,6 +191,14 @@ def test_bodies_that_do_not_name_their_identifiers_are_decrypted_whole(
         ) as runner:
             con = runner.con
             segments = [str(s.path) for s in (runner.copy.chain() if runner.copy else [])]
+            # Projected as appended (every body names its identifiers): `has_personal`
+            # says whether the event holds ciphertext.
+            assert con.execute(
+                "SELECT count(*) FILTER (WHERE e.has_personal <> (b.personal IS NOT NULL)), "
+                "count(*) FILTER (WHERE NOT e.has_personal) FROM events e "
+                "JOIN read_parquet(?) b USING (position)",
+                [segments],
+            ).fetchall() == [(0, 5)]
             con.execute("BEGIN")
             con.execute(
                 "CREATE OR REPLACE TEMP TABLE batch_events AS SELECT * REPLACE "
@@ -201,6 +210,15 @@ def test_bodies_that_do_not_name_their_identifiers_are_decrypted_whole(
                 "count(*) FILTER (WHERE personal IS NULL) FROM batch_events"
             ).fetchall()[0]
             assert with_ciphertext and without  # both kinds are in the batch
+            con.execute(sql("events", "legacy"))
+            # `events.has_personal` as the ciphertext says, without `identifier_fields`.
+            con.execute("DELETE FROM events")
+            con.execute(sql("events", "load"))
+            mismatched = con.execute(
+                "SELECT count(*) FROM events e JOIN batch_events b USING (position) "
+                "WHERE e.has_personal <> (b.personal IS NOT NULL)"
+            ).fetchall()
+            assert mismatched == [(0,)]
             con.execute("DELETE FROM customer_identifiers")
             runner._identifier_candidates([])
             con.execute(pick_sql())

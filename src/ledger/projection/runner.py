@@ -362,6 +362,7 @@ class ProjectionRunner:
         """
         con = self.con
         _x(con, "CREATE OR REPLACE TEMP TABLE recompute (customer_id VARCHAR)")
+        _x(con, sql("events", "legacy"))
         merged = bool(_x(con, _HAS_MERGES)[0][0])
         if merged:  # identity stitching: re-key set-at-a-time (projections/merges.sql)
             _x(con, sql("merges", "record"), {"after": after})
@@ -388,12 +389,12 @@ class ProjectionRunner:
             try:
                 decrypting = self._start_decrypt(forgotten, work)
                 self._phase("loading events, merging customer facts")
-                if not merged:
-                    _x(con, sql("events", "load"))
                 _x(con, sql("customer_360", "merge"))
                 if merged:
                     _x(con, sql("customer_360", "refresh"))
                     _x(con, sql("customer_360", "insert"))
+                else:
+                    _x(con, sql("events", "load"))
                 if work is not None and not self._background and last >= self.ledger.position:
                     # The batch that catches up: rfm and churn read neither identifiers nor
                     # stages, so compute them now, while the worker processes finish,

@@ -319,11 +319,17 @@ def _fold_part(
     touches = touches.select(TOUCH_SCHEMA.names).cast(TOUCH_SCHEMA)
     folded = fold(after, LifecycleInputs(touches, sorted(merges, key=lambda m: m[2]), resumed))
     out.mkdir()
-    pq.write_table(folded.history, out / "history.parquet")
-    pq.write_table(folded.changes, out / "changes.parquet")
+    _hand_over(folded.history, out / "history.parquet")
+    _hand_over(folded.changes, out / "changes.parquet")
     del touches, folded
     _release()
     return Folded(out / "history.parquet", out / "changes.parquet")
+
+
+def _hand_over(table: pa.Table, path: Path) -> None:
+    """Write a result for the runner, which reads it once, soon, from the page cache: not
+    compressed, no dictionaries (a fold partition's tables: 19 -> 7 ms per 31k rows)."""
+    pq.write_table(table, path, compression="none", use_dictionary=False)
 
 
 def _release() -> None:
@@ -341,7 +347,7 @@ def _decrypt_part(picked_dir: Path, keys: kr.Keyring, settings: Settings, out: P
     store = _store_for(settings)
     picked = picked.select(["position", "stream_id", "sealed", "aad", "fields", "customer_id"])
     decrypted = decrypt(picked, keys, store.read_wrapped_keys, cache=False)
-    pq.write_table(decrypted.found, out)
+    _hand_over(decrypted.found, out)
     del picked
     _release()
     return Decrypted(out, decrypted.failed)
