@@ -55,8 +55,13 @@ SELECT * FROM read_parquet($files) WHERE position > $after AND position <= $upto
 -- (`[]` for free text only) exactly when it holds ciphertext (src/ledger/ledger.py), so
 -- `load` and the identifier candidates know which events hold personal data without
 -- reading the ciphertext column: at 10M events that read was 1.2 s of the 6.6 s `load`.
+-- The semi-join first finds the bodies without `identifier_fields` (no ciphertext read);
+-- when there are none DuckDB skips its other side, which would read the ciphertext
+-- (10M events: 0.11 s instead of 0.37 s with both tests in one WHERE).
 CREATE OR REPLACE TEMP TABLE batch_legacy AS
-SELECT position FROM batch_events WHERE identifier_fields IS NULL AND personal IS NOT NULL;
+SELECT position FROM batch_events
+WHERE position IN (SELECT position FROM batch_events WHERE identifier_fields IS NULL)
+  AND personal IS NOT NULL;
 
 -- name: load
 -- customer_id is the canonical customer (customer_aliases: merges, projections/merges.sql).
