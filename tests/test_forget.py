@@ -4,9 +4,11 @@ every chain still verifies and other customers are untouched."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -162,6 +164,79 @@ def test_forget_leaves_no_plaintext_or_key_in_the_sqlite_file(
         assert ledger.verify().ok
     on_disk = db_bytes(sqlite_settings)
     assert wrapped not in on_disk and secrets_in(on_disk, "cus_alice") == []
+
+
+_PINNING_READER = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+# A commit of its own leaves frames in the WAL that no checkpoint has copied yet, so the
+# snapshot below is one of the WAL's (a reader of a fully copied WAL reads the main file).
+con.execute("PRAGMA wal_autocheckpoint=0")
+con.execute("CREATE TABLE IF NOT EXISTS pinning_reader (x INTEGER)")
+con.execute("INSERT INTO pinning_reader VALUES (1)")
+con.execute("BEGIN")
+con.execute("SELECT count(*) FROM stored_events").fetchall()  # holds this snapshot
+print("pinned", flush=True)
+time.sleep(float(sys.argv[2]))
+con.execute("COMMIT")
+time.sleep(30)
+"""
+
+
+def test_forget_erases_the_key_from_disk_while_another_process_reads(
+    sqlite_settings: Settings, make_event: MakeEvent
+) -> None:
+    """A reader in another process (a collector, an analyst's script) holding an older
+    snapshot pins the WAL's frames, with the wrapped key in their page images: forget
+    waits for it to move on rather than leave them on disk."""
+    fill(sqlite_settings, make_event)
+    with Ledger.open(sqlite_settings) as ledger:
+        wrapped = ledger.store.wrapped_key("cus_alice")
+        assert wrapped is not None
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _PINNING_READER, str(sqlite_settings.sqlite_path), "1.0"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert reader.stdout is not None and reader.stdout.readline() == "pinned\n"
+            assert ledger.forget("cus_alice")
+            assert wrapped not in db_bytes(sqlite_settings)
+        finally:
+            reader.kill()
+            reader.wait()
+
+
+def test_the_checkpoint_after_forget_retries_while_another_checkpoint_runs(
+    sqlite_settings: Settings, make_event: MakeEvent
+) -> None:
+    """Only one checkpoint runs at a time: SQLite answers the second `busy` at once, without
+    waiting (the store's own background thread checkpoints after every commit, the forget's
+    included). The WAL then kept its old page images, erased data with them: the store
+    retries until its TRUNCATE checkpoint has run."""
+    fill(sqlite_settings, make_event)
+    wal = Path(f"{sqlite_settings.sqlite_path}-wal")
+    stop = threading.Event()
+
+    def checkpoint_again_and_again() -> None:
+        con = sqlite3.connect(sqlite_settings.sqlite_path, isolation_level=None)
+        con.execute("PRAGMA busy_timeout=0")
+        while not stop.is_set():
+            with contextlib.suppress(sqlite3.OperationalError):
+                con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        con.close()
+
+    other = threading.Thread(target=checkpoint_again_and_again)
+    with Ledger.open(sqlite_settings) as ledger:
+        other.start()
+        try:
+            for i in range(30):
+                ledger.append([make_event(f"cus_{i:03d}", "page_viewed")])
+                assert ledger.store.checkpoint()  # type: ignore[attr-defined]
+                assert wal.stat().st_size == 0, f"round {i}: the WAL kept its frames"
+        finally:
+            stop.set()
+            other.join()
 
 
 def test_events_after_forget_are_readable_under_a_new_key(

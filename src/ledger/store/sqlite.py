@@ -343,10 +343,25 @@ class SQLiteStore(EventStore):
             target.close()
             source.close()
 
-    def checkpoint(self) -> None:
-        """Fold the WAL into the main file and truncate it (used after ``forget``)."""
+    def checkpoint(self, *, wait: float = 10.0) -> bool:
+        """Fold the WAL into the main file and truncate it (used after ``forget``, so that
+        erased pages leave the disk); False if it could not within ``wait`` seconds.
+
+        Readers and writers in other processes are waited for by the connection's busy
+        handler, but only one checkpoint runs at a time and a second one is answered
+        `busy` at once: the store's own background thread checkpoints after every commit,
+        the forget's included, so the TRUNCATE lost that race now and then and the WAL kept
+        its old page images, erased data with them (a flaky test under load). Retried.
+        """
+        deadline = time.monotonic() + wait
         with self.datastore.get_connection(commit=True) as conn:
-            conn._sqlite_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            while True:
+                busy = conn._sqlite_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                if not busy:
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
 
     def close(self) -> None:
         self._checkpointer.close()
