@@ -247,8 +247,25 @@ def test_query_and_subscribe_while_follow_writes(sqlite_settings: Settings, tmp_
             assert_same_tables(followed, clean.con)
 
 
-_FIRST_BATCH = """
+_FOLLOW_UNTIL = """
 import sys, threading, time
+
+
+def follow_until(runner, attribute):
+    # Follow in a thread until the runner has set `attribute` (at most 60 s).
+    stop = threading.Event()
+    follower = threading.Thread(target=runner.follow, args=(stop,))
+    follower.start()
+    deadline = time.monotonic() + 60
+    while getattr(runner, attribute) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    follower.join()
+"""
+
+_FIRST_BATCH = (
+    _FOLLOW_UNTIL
+    + """
 from ledger.ledger import Ledger
 from ledger.projection.runner import ProjectionRunner
 from ledger.settings import Settings
@@ -268,17 +285,30 @@ class FirstBatch(ProjectionRunner):
 settings = Settings()
 with Ledger.open(settings) as ledger:
     with FirstBatch.for_settings(ledger, settings, columnar=None) as runner:
-        stop = threading.Event()
-        follower = threading.Thread(target=runner.follow, args=(stop,))
-        follower.start()
-        deadline = time.monotonic() + 60
-        while runner.imported is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        stop.set()
-        follower.join()
+        follow_until(runner, "imported")
         assert runner.imported is not None, "following applied no batch"
         print(" ".join(runner.imported))
 """
+)
+
+
+def _follow_in_a_fresh_process(settings: Settings, script: str, *, seed: int) -> str:
+    """Project 1,000 events, append 500 more, run ``script`` (a follower that prints what
+    it saw) in a fresh Python process; return what it printed."""
+    lines = generated(1_500, 80, seed=seed)
+    with Ledger.open(settings) as ledger:
+        ledger.append(lines[:1_000])
+        project(ledger, settings.projections_path).close()
+        ledger.append(lines[1_000:])
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def test_following_warms_up_what_the_first_batch_would_import(
@@ -287,25 +317,14 @@ def test_following_warms_up_what_the_first_batch_would_import(
     # In a fresh process the first batch imported pandas (DuckDB does on its first Arrow
     # registration) and pyarrow.compute: 0.5-1.2 s of one core while appends queued up.
     # `follow` warms up before its first batch, which then imports neither.
-    lines = generated(1_500, 80, seed=13)
-    with Ledger.open(sqlite_settings) as ledger:
-        ledger.append(lines[:1_000])
-        project(ledger, sqlite_settings.projections_path).close()
-        ledger.append(lines[1_000:])
-    done = subprocess.run(
-        [sys.executable, "-c", _FIRST_BATCH],
-        env=_env(sqlite_settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    imported = done.stdout.split()
+    imported = _follow_in_a_fresh_process(sqlite_settings, _FIRST_BATCH, seed=13).split()
     assert not [m for m in imported if m.split(".")[0] in ("pandas", "pyarrow")], imported
 
 
-_FIRST_DERIVE = """
-import multiprocessing, sys, threading, time
+_FIRST_DERIVE = (
+    _FOLLOW_UNTIL
+    + """
+import multiprocessing
 from ledger.ledger import Ledger
 from ledger.projection.runner import ProjectionRunner
 from ledger.settings import Settings
@@ -332,20 +351,14 @@ with Ledger.open(settings) as ledger:
     with FirstDerive.for_settings(
         ledger, settings, columnar=None, derive_interval=0.3, fit_offload_min=1
     ) as runner:
-        stop = threading.Event()
-        follower = threading.Thread(target=runner.follow, args=(stop,))
-        follower.start()
-        deadline = time.monotonic() + 60
-        while runner.seen is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        stop.set()
-        follower.join()
+        follow_until(runner, "seen")
         assert runner.seen is not None, "following derived nothing"
         imported, before, after = runner.seen
         print(" ".join(imported))
         print(" ".join(map(str, before)))
         print(" ".join(map(str, after)))
 """
+)
 
 
 def test_following_prepares_the_churn_fit_before_its_first_derive(
@@ -354,20 +367,8 @@ def test_following_prepares_the_churn_fit_before_its_first_derive(
     # The first derive while following imported scipy in the runner (~0.3 s holding the GIL
     # batches need) and spawned the fit's worker process (~1 s of a core): 30 s into
     # following, with appends arriving. `follow` now does both before it serves.
-    lines = generated(1_500, 80, seed=17)
-    with Ledger.open(sqlite_settings) as ledger:
-        ledger.append(lines[:1_000])
-        project(ledger, sqlite_settings.projections_path).close()
-        ledger.append(lines[1_000:])
-    done = subprocess.run(
-        [sys.executable, "-c", _FIRST_DERIVE],
-        env=_env(sqlite_settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    imported, before, after = (line.split() for line in done.stdout.splitlines())
+    printed = _follow_in_a_fresh_process(sqlite_settings, _FIRST_DERIVE, seed=17)
+    imported, before, after = (line.split() for line in printed.splitlines())
     assert not [m for m in imported if m.split(".")[0] == "scipy"], imported
     assert before, "no worker process was running before the first derive"
     assert before == after, "the first derive started a worker process"
