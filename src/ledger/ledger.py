@@ -648,8 +648,12 @@ class Ledger:
                 session.delete_key(customer_id)
         self.keys.drop(customer_id)
         checkpoint = getattr(self.store, "checkpoint", None)
-        if checkpoint:
-            checkpoint()
+        if checkpoint and checkpoint() is False:
+            raise LedgerError(
+                f"the data key of {customer_id} is destroyed, but the ledger's WAL could not be "
+                "checkpointed within 10 s (other checkpoints kept running), so the erased "
+                "pages' old images are still in it: run the same forget again"
+            )
         return existed
 
     def backup(self, destination: Path) -> None:
