@@ -37,9 +37,8 @@ DELETE FROM customer_aliases;
 INSERT INTO customer_aliases SELECT * FROM alias_new;
 
 -- name: rekey
--- Rows stored under a key that is merged away now move to its canonical customer.
-UPDATE events SET customer_id = m.canonical_id
-FROM merge_moved m WHERE events.customer_id = m.customer_id;
+-- Rows stored under a key that is merged away now move to its canonical customer
+-- (`events` keeps each event's own stream and maps it through customer_aliases).
 UPDATE purchases SET customer_id = m.canonical_id
 FROM merge_moved m WHERE purchases.customer_id = m.customer_id;
 UPDATE forgotten SET customer_id = m.canonical_id

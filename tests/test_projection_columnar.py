@@ -6,9 +6,8 @@ discarded; forget erases identifiers in rebuilds from the copy; only the newest 
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
-
-import duckdb
 
 from fixtures.projection_data import assert_same_tables, event, generated, project, rows
 from ledger.ledger import Ledger
@@ -90,13 +89,19 @@ def test_a_copy_of_another_ledger_or_a_damaged_segment_is_discarded(
             assert _segments(copy) == [(1, 500), (501, 1_000)]
             with project(ledger, tmp_path / "plain.duckdb") as plain:
                 assert_same_tables(runner.con, plain.con)
-        # A segment that cannot be read is a cache miss, not an error.
+        # A segment that cannot be read is a cache miss, not an error: a rebuild reads
+        # its events from the log, and so does a runner whose `events` read it (they go
+        # into `events_tail`, the other segment is still read in place).
         (copy / "events-000000000001-000000000500.parquet").write_bytes(b"not parquet")
         with (
             project(ledger, tmp_path / "again.duckdb", columnar=copy) as again,
-            duckdb.connect(str(tmp_path / "p.duckdb"), read_only=True) as before,
+            project(ledger, tmp_path / "p.duckdb", columnar=copy) as reopened,
         ):
-            assert_same_tables(before, again.con)
+            assert_same_tables(reopened.con, again.con)
+            assert reopened.con.execute(
+                "SELECT (SELECT count(*) FROM events_tail), "
+                "(SELECT list(first) FROM events_segments)"
+            ).fetchall() == [(500, [501])]
 
 
 def test_forget_erases_identifiers_in_a_rebuild_from_the_copy(
@@ -211,14 +216,16 @@ def test_bodies_that_do_not_name_their_identifiers_are_decrypted_whole(
             ).fetchall()[0]
             assert with_ciphertext and without  # both kinds are in the batch
             con.execute(sql("events", "legacy"))
-            # `events.has_personal` as the ciphertext says, without `identifier_fields`.
-            con.execute("DELETE FROM events")
+            # `events.has_personal` as the ciphertext says, without `identifier_fields`,
+            # for a batch loaded into `events_tail` (not read from the copy) too.
+            con.execute("DELETE FROM events_segments; DELETE FROM events_tail")
+            runner._define_events()
             con.execute(sql("events", "load"))
             mismatched = con.execute(
-                "SELECT count(*) FROM events e JOIN batch_events b USING (position) "
-                "WHERE e.has_personal <> (b.personal IS NOT NULL)"
+                "SELECT count(*), count(*) FILTER (WHERE e.has_personal <> "
+                "(b.personal IS NOT NULL)) FROM events e JOIN batch_events b USING (position)"
             ).fetchall()
-            assert mismatched == [(0,)]
+            assert mismatched == [(1_005, 0)]
             con.execute("DELETE FROM customer_identifiers")
             runner._identifier_candidates([])
             con.execute(pick_sql())
@@ -229,3 +236,36 @@ def test_bodies_that_do_not_name_their_identifiers_are_decrypted_whole(
             got = rows(con, "customer_identifiers")
             con.execute("ROLLBACK")
             assert {(r[0], r[1]): (r[3], r[4], r[2]) for r in got} == newest
+
+
+def test_events_survive_the_copy_being_deleted(sqlite_settings: Settings, tmp_path: Path) -> None:
+    """`events` reads the copy's segments in place; with the copy gone, the next runner of
+    the file (with or without a copy) reads those events from the log into `events_tail`."""
+    copy = tmp_path / "columnar"
+    with Ledger.open(sqlite_settings) as ledger:
+        assert not ledger.append(generated(1_200, 60, seed=9)).rejected
+        with project(
+            ledger, tmp_path / "p.duckdb", batch_size=500, columnar=copy, segment_min_events=1
+        ) as runner:
+            before = rows(runner.con, "events")
+            assert runner.con.execute(
+                "SELECT (SELECT count(*) FROM events_tail), (SELECT count(*) FROM events_segments)"
+            ).fetchall() == [(0, 3)]
+        assert len(before) == 1_200
+        # One segment gone: only its events are read again.
+        (copy / "events-000000000501-000000001000.parquet").unlink()
+        with project(ledger, tmp_path / "p.duckdb", columnar=copy) as runner:
+            assert rows(runner.con, "events") == before
+            assert runner.con.execute(
+                "SELECT (SELECT count(*) FROM events_tail), (SELECT list(first ORDER BY first) "
+                "FROM events_segments)"
+            ).fetchall() == [(500, [1, 1_001])]
+        # The whole copy gone, and the runner bypassing it (--no-columnar).
+        shutil.rmtree(copy)
+        with project(ledger, tmp_path / "p.duckdb") as runner:
+            assert rows(runner.con, "events") == before
+            assert runner.con.execute(
+                "SELECT (SELECT count(*) FROM events_tail), (SELECT count(*) FROM events_segments)"
+            ).fetchall() == [(1_200, 0)]
+            with project(ledger, tmp_path / "plain.duckdb") as plain:
+                assert_same_tables(plain.con, runner.con)

@@ -61,10 +61,27 @@ def test_merges_fold_into_survivor_and_rebuild_agrees(
 ) -> None:
     with Ledger.open(sqlite_settings) as ledger:
         incremental = ProjectionRunner(ledger, tmp_path / "inc.duckdb", batch_size=batch_size)
+        # The same, every batch written to the columnar copy: `events` reads them there.
+        copied = ProjectionRunner(
+            ledger,
+            tmp_path / "copied.duckdb",
+            batch_size=batch_size,
+            columnar=tmp_path / "columnar",
+            segment_min_events=1,
+        )
         for piece in SLICES:
             assert not ledger.append(piece).rejected
             incremental.run()
+            copied.run()
         con = incremental.con
+        assert con.execute("SELECT DISTINCT customer_id FROM events").fetchall() == [("cus_a",)]
+        # Events of the merged-away streams, read from segments, show the survivor too.
+        assert copied.con.execute(
+            "SELECT (SELECT count(*) FROM events_tail), (SELECT count(*) FROM events_segments), "
+            "(SELECT list(DISTINCT customer_id) FROM events)"
+        ).fetchall() == [(0, sum(-(-len(p) // batch_size) for p in SLICES), ["cus_a"])]
+        assert_same_tables(incremental.con, copied.con)
+        copied.close()
         assert con.execute(
             "SELECT customer_id, orders, revenue, events, email, lifecycle_stage "
             "FROM customer_360 ORDER BY customer_id"

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from ledger.ledger import Ledger, LedgerError
 from ledger.projection import churn, lifecycle, serve, snapshot, workers
 from ledger.projection.definitions import sql
 from ledger.projection.rfm import segment_table
-from ledger.projection.segments import ColumnarCopy
+from ledger.projection.segments import ColumnarCopy, Segment, matches
 from ledger.settings import Settings
 from ledger.store import StoredRow
 
@@ -48,7 +49,7 @@ _TS = pa.timestamp("us", tz="UTC")
 #: its key cache (their customers come back).
 _SMALL_BATCH = 10_000
 #: The table layout of projections/schema.sql; a file of another layout needs --rebuild.
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 8
 ProgressFn = Callable[[int, int], None]
 #: WAL size at which DuckDB checkpoints by itself while following (see ``follow``).
 FOLLOW_CHECKPOINT_MB = 1024
@@ -161,6 +162,7 @@ class ProjectionRunner:
             _x(self.con, "INSERT INTO rfm_segments SELECT * FROM segments_in")
             self.con.unregister("segments_in")
         _x(self.con, sql("customer_360", "view"))
+        self._open_events()
         self._threads = int(_x(self.con, "SELECT current_setting('threads')")[0][0])
         self._threads_now = self._threads
         self._published_at = 0.0
@@ -188,6 +190,72 @@ class ProjectionRunner:
                 f"(version {found}, this runner writes {LAYOUT_VERSION}); "
                 "run `ledger project --rebuild`"
             )
+
+    def _open_events(self) -> None:
+        """Define the ``events`` view, first putting the events of any segment it read that
+        is gone (or no longer matches the ledger) back into ``events_tail`` from the log."""
+        con = self.con
+        listed = _x(con, "SELECT first, last, path FROM events_segments ORDER BY first")
+        # With --no-columnar (no copy) a segment is still read, not deleted, if it matches.
+        verify = self.copy.verify if self.copy else partial(matches, ledger=self.ledger)
+        lost = [
+            (first, last, path)
+            for first, last, path in listed
+            if not verify(Segment(first, last, self._segment_path(path)))
+        ]
+        if lost:
+            with self._transaction():
+                for first, last, path in lost:
+                    self._phase(f"reading events {first:,}..{last:,} again (their copy is gone)")
+                    self._restore_events(first, last)
+                    _x(con, "DELETE FROM events_segments WHERE path = ?", [path])
+                self._define_events()
+        else:
+            self._define_events()
+
+    def _segment_path(self, stored: str) -> Path:
+        return self.path.parent / stored  # an absolute path stays itself
+
+    def _define_events(self) -> None:
+        """(Re)create the ``events`` view over ``events_tail`` and the listed segments."""
+        paths = [
+            str(self._segment_path(p)).replace("'", "''")
+            for (p,) in _x(self.con, "SELECT path FROM events_segments ORDER BY first")
+        ]
+        if paths:
+            segments = "read_parquet([" + ", ".join(f"'{p}'" for p in paths) + "])"
+        else:  # no segment: an empty relation of their columns
+            segments = "(SELECT *, NULL::VARCHAR AS personal FROM events_tail WHERE false)"
+        _x(self.con, sql("events", "view").replace("$segments", segments))
+
+    def _add_segments(self, segments: list[Segment]) -> None:
+        """``events`` reads these segments from now on (in the caller's transaction)."""
+        for segment in segments:
+            try:
+                stored = str(segment.path.resolve().relative_to(self.path.parent.resolve()))
+            except ValueError:
+                stored = str(segment.path.resolve())
+            _x(
+                self.con,
+                "INSERT INTO events_segments VALUES (?, ?, ?)",
+                [segment.first, segment.last, stored],
+            )
+        self._define_events()
+
+    def _restore_events(self, first: int, last: int) -> None:
+        """Read positions ``first``..``last`` from the ledger into ``events_tail``."""
+        position = first - 1
+        while position < last:
+            rows = self.ledger.read_raw(position, min(self.batch_size, last - position))
+            if not rows or rows[0].position != position + 1:
+                raise LedgerError(
+                    f"the ledger does not hold positions {position + 1}..{last}, which the "
+                    f"projections at {self.path} read; run `ledger project --rebuild`"
+                )
+            self._parse(rows)
+            _x(self.con, sql("events", "load"))
+            _x(self.con, "DROP TABLE batch_events")
+            position = rows[-1].position
 
     @classmethod
     def for_settings(cls, ledger: Ledger, settings: Settings, **options: Any) -> ProjectionRunner:
@@ -278,6 +346,23 @@ class ProjectionRunner:
                 f"the ledger returned position {rows[0].position} after {after}: "
                 "positions must be gap-free"
             )
+        last = rows[-1].position
+        copy = self.copy
+        extend = copy is not None and len(rows) >= copy.min_events and copy.frontier == after
+        self._use_threads(1 if len(rows) < _SMALL_BATCH else self._threads)
+        con = self.con
+        with self._transaction():
+            last_hash = self._parse(rows)
+            segments = None
+            if extend and copy is not None:
+                # A cache of the log, valid whether or not this transaction commits; `events`
+                # reads the batch from it.
+                segments = [copy.write(con, "batch_events", after + 1, last, last_hash)]
+            self._apply_batch(after, last, segments)
+            _x(con, "DROP TABLE batch_events")
+
+    def _parse(self, rows: list[StoredRow]) -> str:
+        """Parse log rows into the temp table ``batch_events``; return the last one's hash."""
         sealed = [unseal(r.state) for r in rows]
         batch = pa.table(
             {
@@ -287,20 +372,12 @@ class ProjectionRunner:
                 "body": pa.array([b for b, _ in sealed], pa.binary()).cast(pa.string()),
             }
         )
-        last = rows[-1].position
-        copy = self.copy
-        extend = copy is not None and len(rows) >= copy.min_events and copy.frontier == after
-        self._use_threads(1 if len(rows) < _SMALL_BATCH else self._threads)
-        con = self.con
-        with self._transaction():
-            con.register("batch_raw", batch)
-            _x(con, sql("events", "parse"))
-            con.unregister("batch_raw")
-            if extend and copy is not None:
-                # A cache of the log, valid whether or not this transaction commits.
-                copy.write(con, "batch_events", after + 1, last, sealed[-1][1])
-            self._apply_batch(after, last)
-            _x(con, "DROP TABLE batch_events")
+        self.con.register("batch_raw", batch)
+        try:
+            _x(self.con, sql("events", "parse"))
+        finally:
+            self.con.unregister("batch_raw")
+        return sealed[-1][1]
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -342,7 +419,7 @@ class ProjectionRunner:
                     f"positions {after + 1}..{last}; delete the directory (it is a cache) "
                     "or run with --no-columnar"
                 )
-            self._apply_batch(after, last)
+            self._apply_batch(after, last, segments)
             _x(con, "DROP VIEW batch_events")
         return last
 
@@ -351,8 +428,11 @@ class ProjectionRunner:
             self.con.unregister(name)
         self._registered.clear()
 
-    def _apply_batch(self, after: int, last: int) -> None:
+    def _apply_batch(self, after: int, last: int, segments: list[Segment] | None) -> None:
         """Fold ``batch_events`` (positions ``after``+1..``last``) into every table.
+
+        ``segments``: the columnar copy's segments that hold the batch, which ``events``
+        then reads in place; None: the batch goes into ``events_tail``.
 
         The Python steps (folding lifecycle stages, decrypting identifiers) run in a
         worker thread, or for a big batch in worker processes, while this thread has
@@ -367,7 +447,7 @@ class ProjectionRunner:
         if merged:  # identity stitching: re-key set-at-a-time (projections/merges.sql)
             _x(con, sql("merges", "record"), {"after": after})
             _x(con, sql("merges", "resolve"))
-            _x(con, sql("events", "load"))
+            self._load_events(segments)
         _x(con, sql("events", "affected"))
         if merged:
             _x(con, sql("merges", "rekey"))
@@ -394,7 +474,7 @@ class ProjectionRunner:
                     _x(con, sql("customer_360", "refresh"))
                     _x(con, sql("customer_360", "insert"))
                 else:
-                    _x(con, sql("events", "load"))
+                    self._load_events(segments)
                 if work is not None and not self._background and last >= self.ledger.position:
                     # The batch that catches up: rfm and churn read neither identifiers nor
                     # stages, so compute them now, while the worker processes finish,
@@ -416,6 +496,12 @@ class ProjectionRunner:
             if work is not None:
                 shutil.rmtree(work, ignore_errors=True)
         _x(con, "UPDATE projection_state SET position = ?, changes = ?", [last, changes])
+
+    def _load_events(self, segments: list[Segment] | None) -> None:
+        if segments is None:
+            _x(self.con, sql("events", "load"))
+        else:
+            self._add_segments(segments)
 
     def _phase(self, what: str) -> None:
         if self.on_phase is not None:

@@ -48,6 +48,23 @@ class Segment:
         return self.last - self.first + 1
 
 
+def matches(segment: Segment, ledger: Ledger) -> bool:
+    """Whether the file holds as many rows as its positions and the hash recorded in it is
+    the ledger's at its last position (False too when it cannot be read)."""
+    try:
+        meta = pq.read_metadata(segment.path)
+        recorded = (meta.metadata or {}).get(_HASH_KEY, b"").decode("ascii", "replace")
+        rows = ledger.read_raw(segment.last - 1, 1)
+        return (
+            meta.num_rows == segment.events
+            and len(rows) == 1
+            and rows[0].position == segment.last
+            and unseal(rows[0].state)[1] == recorded
+        )
+    except (OSError, SealError, ValueError):
+        return False
+
+
 class ColumnarCopy:
     """The segments in ``directory`` that belong to ``ledger``."""
 
@@ -73,27 +90,17 @@ class ColumnarCopy:
         # For each start, the longest segment first.
         return sorted(found, key=lambda s: (s.first, -s.last))
 
-    def _verify(self, segment: Segment) -> bool:
+    def verify(self, segment: Segment) -> bool:
+        """Whether ``segment`` matches the ledger (checked once per copy); one that does
+        not is deleted."""
         if segment.path in self._verified:
             return True
-        try:
-            meta = pq.read_metadata(segment.path)
-            recorded = (meta.metadata or {}).get(_HASH_KEY, b"").decode("ascii", "replace")
-            rows = self.ledger.read_raw(segment.last - 1, 1)
-            ok = (
-                meta.num_rows == segment.events
-                and len(rows) == 1
-                and rows[0].position == segment.last
-                and unseal(rows[0].state)[1] == recorded
-            )
-        except (OSError, SealError, ValueError):
-            ok = False
-        if ok:
+        if matches(segment, self.ledger):
             self._verified.add(segment.path)
-        else:
-            with contextlib.suppress(OSError):
-                segment.path.unlink()
-        return ok
+            return True
+        with contextlib.suppress(OSError):
+            segment.path.unlink()
+        return False
 
     def chain(self) -> list[Segment]:
         """The verified, contiguous segments from position 1 (cached per runner)."""
@@ -105,7 +112,7 @@ class ColumnarCopy:
                     continue  # overlaps the chain (a shorter or stale segment)
                 if segment.first > expect:
                     break  # a gap: the rest cannot be used yet
-                if self._verify(segment):
+                if self.verify(segment):
                     chain.append(segment)
                     expect = segment.last + 1
             self._chain = chain
