@@ -720,10 +720,11 @@ class ProjectionRunner:
     def _derive(self, con: duckdb.DuckDBPyConnection, position: int) -> None:
         """Recompute rfm, churn_risk and churn_model as of ``position`` (in the caller's
         transaction)."""
+        # The latest event time from the per-customer facts: `events` may be Parquet segments.
         row = _x(
             con,
             "SELECT coalesce((SELECT as_of_setting FROM projection_state), "
-            "(SELECT max(occurred_at) FROM events))",
+            "(SELECT max(last_seen) FROM customer_facts))",
         )[0]
         as_of = row[0] if row else None
         _x(con, "DELETE FROM rfm; DELETE FROM churn_risk; DELETE FROM churn_model")
