@@ -19,21 +19,31 @@ FROM (
 GROUP BY customer_id
 ORDER BY customer_id;
 
+-- name: engaged_all
+-- Per customer, the latest action of their own (not email_sent / email_bounced, not the
+-- system channel, not outbound chats or calls), when $as_of is at or after every event:
+-- kept in customer_facts as batches land, so a derive reads 1M rows at 10M events, not
+-- every event.
+SELECT customer_id, last_activity_at FROM customer_facts
+
+-- name: engaged_as_of
+-- The same as of an earlier reference date (`--as-of`): from the events up to it.
+SELECT customer_id,
+       max(occurred_at) FILTER (WHERE type NOT IN ('email_sent', 'email_bounced')
+                                  AND channel <> 'system'
+                                  AND coalesce(direction, 'inbound') = 'inbound')
+           AS last_activity_at
+FROM events
+WHERE occurred_at <= $as_of
+GROUP BY customer_id
+
 -- name: write
+-- The CTE `engaged` is `engaged_all` or `engaged_as_of`, which the runner writes in.
 -- churn_risk for every customer with an event up to $as_of: the model's scores where the
 -- runner registered them (`churn_in`), else the engagement fallback: days since the last
 -- own action <= $low_days low, <= $medium_days medium, beyond or never high.
 INSERT INTO churn_risk
-WITH engaged AS (
-    SELECT customer_id,
-           max(occurred_at) FILTER (WHERE type NOT IN ('email_sent', 'email_bounced')
-                                      AND channel <> 'system'
-                                      AND coalesce(direction, 'inbound') = 'inbound')
-               AS last_activity_at
-    FROM events
-    WHERE occurred_at <= $as_of
-    GROUP BY customer_id
-),
+WITH engaged AS ($engaged),
 measured AS (
     SELECT customer_id, last_activity_at,
            epoch_us($as_of::TIMESTAMPTZ - last_activity_at) / 86400e6 AS days_inactive

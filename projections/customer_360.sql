@@ -68,7 +68,11 @@ WITH batch AS MATERIALIZED (
         max(occurred_at) FILTER (WHERE type = 'customer_forgotten') AS forgotten_at,
         bool_or(type IN ('order_placed', 'order_refunded')) AS has_purchases,
         bool_or(type IN ('ticket_opened', 'ticket_resolved')) AS has_tickets,
-        bool_or(type = 'consent_changed') AS has_consents
+        bool_or(type = 'consent_changed') AS has_consents,
+        max(occurred_at) FILTER (WHERE type NOT IN ('email_sent', 'email_bounced')
+                                   AND channel <> 'system'
+                                   AND coalesce(direction, 'inbound') = 'inbound')
+            AS last_activity_at
     FROM batch_events b
     LEFT JOIN customer_aliases a ON a.customer_id = b.customer_id
     WHERE coalesce(a.canonical_id, b.customer_id) NOT IN (SELECT customer_id FROM recompute)
@@ -156,7 +160,8 @@ SELECT
     CASE WHEN b.has_consents THEN c.tracking ELSE o.consent_tracking END,
     CASE WHEN b.has_consents THEN c.profiling ELSE o.consent_profiling END,
     coalesce(o.erased, false) OR b.erased,
-    greatest(o.forgotten_at, b.forgotten_at)
+    greatest(o.forgotten_at, b.forgotten_at),
+    greatest(o.last_activity_at, b.last_activity_at)
 FROM batch b
 LEFT JOIN old o ON o.customer_id = b.customer_id
 LEFT JOIN money m ON m.customer_id = b.customer_id
@@ -172,7 +177,7 @@ DELETE FROM customer_facts WHERE customer_id IN (SELECT customer_id FROM recompu
 INSERT INTO customer_facts
 WITH mine AS (
     SELECT customer_id, position, type, channel, occurred_at, order_id, amount, currency,
-           ticket_id, purpose, status
+           ticket_id, purpose, status, direction
     FROM events
     WHERE customer_id IN (SELECT customer_id FROM recompute)
 ),
@@ -237,7 +242,10 @@ SELECT
     arg_max(status, epoch_us(occurred_at)::HUGEINT * 1000000000000 + position)
         FILTER (WHERE type = 'consent_changed' AND purpose = 'profiling'),
     bool_or(type = 'customer_forgotten'),
-    max(occurred_at) FILTER (WHERE type = 'customer_forgotten')
+    max(occurred_at) FILTER (WHERE type = 'customer_forgotten'),
+    max(occurred_at) FILTER (WHERE type NOT IN ('email_sent', 'email_bounced')
+                               AND channel <> 'system'
+                               AND coalesce(direction, 'inbound') = 'inbound')
 FROM mine m
 LEFT JOIN tickets t ON t.customer_id = m.customer_id
 GROUP BY m.customer_id;
@@ -262,7 +270,7 @@ WITH ids AS (
     GROUP BY customer_id
 )
 SELECT f.customer_id, i.email, i.phone, i.name, i.user_id, i.anonymous_id, i.social_handle,
-       f.* EXCLUDE (customer_id), l.stage AS lifecycle_stage, l.since AS lifecycle_since,
+       f.* EXCLUDE (customer_id, last_activity_at), l.stage AS lifecycle_stage, l.since AS lifecycle_since,
        r.r_score, r.f_score, r.m_score, r.segment AS rfm_segment,
        c.method AS churn_method, c.p_alive, c.expected_purchases_90d, c.risk_band AS churn_risk
 FROM customer_facts f

@@ -165,7 +165,9 @@ CREATE TABLE IF NOT EXISTS customer_facts (
     consent_tracking         VARCHAR,
     consent_profiling        VARCHAR,
     erased                   BOOLEAN NOT NULL,
-    forgotten_at             TIMESTAMPTZ
+    forgotten_at             TIMESTAMPTZ,
+    -- The latest action of the customer's own (churn.sql `engaged_all`; not in customer_360).
+    last_activity_at         TIMESTAMPTZ
 );
 
 CREATE TABLE IF NOT EXISTS lifecycle (

@@ -24,6 +24,7 @@ from fixtures.projection_data import (
 )
 from ledger.ledger import Ledger
 from ledger.projection import lifecycle
+from ledger.projection.definitions import sql
 from ledger.projection.runner import MAINTENANCE_SPACING, ProjectionRunner
 from ledger.settings import Settings
 
@@ -356,6 +357,40 @@ def test_counts_add_up_on_generated_data(sqlite_settings: Settings, tmp_path: Pa
             ).fetchall() == [(0,)]
             assert con.execute(
                 "SELECT count(*) FROM customer_360 WHERE churn_risk IS NULL"
+            ).fetchall() == [(0,)]
+
+
+def test_last_activity_kept_in_the_facts_equals_a_scan_of_the_events(
+    sqlite_settings: Settings, tmp_path: Path
+) -> None:
+    """churn's engagement fallback reads each customer's last own action from
+    customer_facts (kept per batch) when the reference date is after every event, and
+    from `events` for an earlier `--as-of`: the two agree, and late events count."""
+    lines = generated(3_000, 150, seed=12)
+    sent = {"message_id": "m-1", "campaign_id": "spring", "subject": "Spring sale"}
+    with Ledger.open(sqlite_settings) as ledger:
+        ledger.append(lines)
+        # A late own action, an email sent after it (not an action), a customer only mailed.
+        late = [
+            event("cus_late", "2025-01-01T00:00:00Z", "page_viewed", {"url": "u"}),
+            event("cus_late", "2025-02-01T00:00:00Z", "email_sent", sent),
+            event("cus_mailed", "2025-02-01T00:00:00Z", "email_sent", sent),
+        ]
+        assert not ledger.append(late).rejected
+        with project(ledger, tmp_path / "p.duckdb", batch_size=333) as runner:
+            con = runner.con
+            (latest,) = con.execute("SELECT max(last_seen) FROM customer_facts").fetchone() or ()
+            both = [
+                sorted(con.execute(sql("churn", "engaged_all")).fetchall()),
+                sorted(con.execute(sql("churn", "engaged_as_of"), {"as_of": latest}).fetchall()),
+            ]
+            assert both[0] == both[1] and len(both[0]) == 152
+            found = dict(both[0])
+            assert found["cus_late"] == dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+            assert "cus_mailed" in found and found["cus_mailed"] is None
+            assert con.execute(
+                "SELECT count(*) FROM churn_risk c JOIN customer_facts f USING (customer_id) "
+                "WHERE c.last_activity_at IS DISTINCT FROM f.last_activity_at"
             ).fetchall() == [(0,)]
 
 

@@ -721,19 +721,27 @@ class ProjectionRunner:
         """Recompute rfm, churn_risk and churn_model as of ``position`` (in the caller's
         transaction)."""
         # The latest event time from the per-customer facts: `events` may be Parquet segments.
-        row = _x(
+        setting, latest = _x(
             con,
-            "SELECT coalesce((SELECT as_of_setting FROM projection_state), "
-            "(SELECT max(last_seen) FROM customer_facts))",
+            "SELECT (SELECT as_of_setting FROM projection_state), "
+            "(SELECT max(last_seen) FROM customer_facts)",
         )[0]
-        as_of = row[0] if row else None
+        as_of = setting if setting is not None else latest
         _x(con, "DELETE FROM rfm; DELETE FROM churn_risk; DELETE FROM churn_model")
         if as_of is not None:
             _x(con, sql("rfm", "compute"), {"as_of": as_of})
-            self._churn(con, as_of, position)
+            self._churn(con, as_of, position, every_event=as_of >= latest)
         _x(con, "UPDATE derived_state SET derived_position = ?, as_of = ?", [position, as_of])
 
-    def _churn(self, con: duckdb.DuckDBPyConnection, as_of: dt.datetime, position: int) -> None:
+    def _churn(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        as_of: dt.datetime,
+        position: int,
+        *,
+        every_event: bool,
+    ) -> None:
+        """churn_risk and churn_model as of ``as_of``; ``every_event``: no event is later."""
         summary = con.sql(sql("churn", "summary"), params={"as_of": as_of}).to_arrow_table()
         x = summary.column("frequency").to_numpy().astype(np.float64)
         t_x = summary.column("recency_weeks").to_numpy().astype(np.float64)
@@ -768,9 +776,10 @@ class ProjectionRunner:
             ):
                 scored = scored.append_column(name, pa.array([], kind))
         con.register("churn_in", scored)
+        engaged = sql("churn", "engaged_all" if every_event else "engaged_as_of")
         _x(
             con,
-            sql("churn", "write"),
+            sql("churn", "write").replace("$engaged", engaged.rstrip(";")),
             {
                 "as_of": as_of,
                 "low_days": churn.ENGAGEMENT_LOW_DAYS,
