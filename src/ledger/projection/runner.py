@@ -214,7 +214,8 @@ class ProjectionRunner:
             self._define_events()
 
     def _segment_path(self, stored: str) -> Path:
-        return self.path.parent / stored  # an absolute path stays itself
+        # Absolute: DuckDB reads a relative path from its working directory.
+        return self.path.parent.absolute() / stored  # an absolute `stored` stays itself
 
     def _define_events(self) -> None:
         """(Re)create the ``events`` view over ``events_tail`` and the listed segments."""
@@ -730,7 +731,7 @@ class ProjectionRunner:
         _x(con, "DELETE FROM rfm; DELETE FROM churn_risk; DELETE FROM churn_model")
         if as_of is not None:
             _x(con, sql("rfm", "compute"), {"as_of": as_of})
-            self._churn(con, as_of, position, every_event=as_of >= latest)
+            self._churn(con, as_of, position, every_event=latest is None or as_of >= latest)
         _x(con, "UPDATE derived_state SET derived_position = ?, as_of = ?", [position, as_of])
 
     def _churn(
