@@ -397,16 +397,18 @@ def test_last_activity_kept_in_the_facts_equals_a_scan_of_the_events(
 def test_a_reference_date_set_before_any_event(sqlite_settings: Settings, tmp_path: Path) -> None:
     """`--as-of` on an empty ledger derives nothing and fails nothing; the events that come
     later are scored as of that date."""
-    with Ledger.open(sqlite_settings) as ledger:
-        with ProjectionRunner(ledger, tmp_path / "p.duckdb") as runner:
-            runner.set_as_of(dt.datetime(2026, 1, 10, tzinfo=dt.UTC))
-            runner.run()
-            assert runner.con.execute("SELECT count(*) FROM churn_risk").fetchall() == [(0,)]
-            ledger.append([event("cus_a", "2026-01-01T00:00:00Z", "page_viewed", {"url": "u"})])
-            runner.run()
-            assert runner.con.execute(
-                "SELECT customer_id, days_inactive FROM churn_risk"
-            ).fetchall() == [("cus_a", 9.0)]
+    with (
+        Ledger.open(sqlite_settings) as ledger,
+        ProjectionRunner(ledger, tmp_path / "p.duckdb") as runner,
+    ):
+        runner.set_as_of(dt.datetime(2026, 1, 10, tzinfo=dt.UTC))
+        runner.run()
+        assert runner.con.execute("SELECT count(*) FROM churn_risk").fetchall() == [(0,)]
+        ledger.append([event("cus_a", "2026-01-01T00:00:00Z", "page_viewed", {"url": "u"})])
+        runner.run()
+        assert runner.con.execute(
+            "SELECT customer_id, days_inactive FROM churn_risk"
+        ).fetchall() == [("cus_a", 9.0)]
 
 
 def test_a_big_batch_says_what_it_is_doing(sqlite_settings: Settings, tmp_path: Path) -> None:
