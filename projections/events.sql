@@ -49,20 +49,6 @@ FROM (
 CREATE OR REPLACE TEMP VIEW batch_events AS
 SELECT * FROM read_parquet($files) WHERE position > $after AND position <= $upto;
 
--- name: legacy
--- The batch's events whose body holds ciphertext but does not name its identifiers
--- (appended before `identifier_fields` existed; usually none). Every other body names them
--- (`[]` for free text only) exactly when it holds ciphertext (src/ledger/ledger.py), so
--- the identifier candidates know which events hold personal data without reading the
--- ciphertext column (1.39 GB at 10M events).
--- The semi-join first finds the bodies without `identifier_fields` (no ciphertext read);
--- when there are none DuckDB skips its other side, which would read the ciphertext
--- (10M events: 0.11 s instead of 0.37 s with both tests in one WHERE).
-CREATE OR REPLACE TEMP TABLE batch_legacy AS
-SELECT position FROM batch_events
-WHERE position IN (SELECT position FROM batch_events WHERE identifier_fields IS NULL)
-  AND personal IS NOT NULL;
-
 -- name: load
 -- A batch no segment of the columnar copy holds (see `view`).
 INSERT INTO events_tail

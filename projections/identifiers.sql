@@ -24,8 +24,9 @@ WHERE i.customer_id = f.customer_id AND i.position < f.forgotten_at_position;
 CREATE OR REPLACE TEMP TABLE id_meta (position BIGINT, customer_id VARCHAR, occurred_at TIMESTAMPTZ);
 -- id_live: the batch's events after their customer's last forget, with their ordering key
 -- (event time in microseconds * 10^12 + position). A body that names identifiers holds them
--- in its ciphertext; the bodies that name none (NULL) and carry ciphertext are in
--- `batch_legacy` (events.sql): testing `personal` of every event read ~1.3 GB at 10M events.
+-- in its ciphertext (src/ledger/ledger.py: a body names them, `[]` for free text only,
+-- exactly when it holds ciphertext); only bodies that name none (NULL, appended before the
+-- field existed) are asked whether they carry ciphertext, below.
 CREATE OR REPLACE TEMP VIEW id_live AS
 WITH last_forget AS (
     SELECT customer_id, max(position) AS at_position
@@ -59,7 +60,13 @@ WHERE i.customer_id IS NULL
 UNION ALL
 SELECT customer_id, NULL, position FROM id_live
 WHERE identifier_fields IS NULL
-  AND position IN (SELECT position FROM batch_legacy);
+  -- A semi-join inside the semi-join: when no body lacks the field (the usual case) DuckDB
+  -- skips the side that reads `personal`, the ciphertext (1.39 GB at 10M events): 0.24 s
+  -- instead of 0.56-0.81 s with both tests in one WHERE.
+  AND position IN (SELECT position FROM batch_events
+                   WHERE position IN (SELECT position FROM batch_events
+                                      WHERE identifier_fields IS NULL)
+                     AND personal IS NOT NULL);
 
 -- name: retry
 -- Round 2, 3, ...: for the (customer, field) pairs whose candidate held no value (its key

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from fixtures.projection_data import assert_same_tables, event, generated, project, rows
 from ledger.ledger import Ledger
-from ledger.projection.definitions import sql
 from ledger.projection.runner import ProjectionRunner, pick_sql
 from ledger.projection.segments import ColumnarCopy
 from ledger.settings import Settings
@@ -215,17 +214,6 @@ def test_bodies_that_do_not_name_their_identifiers_are_decrypted_whole(
                 "count(*) FILTER (WHERE personal IS NULL) FROM batch_events"
             ).fetchall()[0]
             assert with_ciphertext and without  # both kinds are in the batch
-            con.execute(sql("events", "legacy"))
-            # `events.has_personal` as the ciphertext says, without `identifier_fields`,
-            # for a batch loaded into `events_tail` (not read from the copy) too.
-            con.execute("DELETE FROM events_segments; DELETE FROM events_tail")
-            runner._define_events()
-            con.execute(sql("events", "load"))
-            mismatched = con.execute(
-                "SELECT count(*), count(*) FILTER (WHERE e.has_personal <> "
-                "(b.personal IS NOT NULL)) FROM events e JOIN batch_events b USING (position)"
-            ).fetchall()
-            assert mismatched == [(1_005, 0)]
             con.execute("DELETE FROM customer_identifiers")
             runner._identifier_candidates([])
             con.execute(pick_sql())

@@ -443,7 +443,6 @@ class ProjectionRunner:
         """
         con = self.con
         _x(con, "CREATE OR REPLACE TEMP TABLE recompute (customer_id VARCHAR)")
-        _x(con, sql("events", "legacy"))
         merged = bool(_x(con, _HAS_MERGES)[0][0])
         if merged:  # identity stitching: re-key set-at-a-time (projections/merges.sql)
             _x(con, sql("merges", "record"), {"after": after})
