@@ -209,9 +209,7 @@ class ProjectionRunner:
                     self._phase(f"reading events {first:,}..{last:,} again (their copy is gone)")
                     self._restore_events(first, last)
                     _x(con, "DELETE FROM events_segments WHERE path = ?", [path])
-                self._define_events()
-        else:
-            self._define_events()
+        self._define_events()
 
     def _segment_path(self, stored: str) -> Path:
         # Absolute: DuckDB reads a relative path from its working directory.
@@ -231,16 +229,15 @@ class ProjectionRunner:
 
     def _add_segments(self, segments: list[Segment]) -> None:
         """``events`` reads these segments from now on (in the caller's transaction)."""
-        for segment in segments:
-            try:
-                stored = str(segment.path.resolve().relative_to(self.path.parent.resolve()))
-            except ValueError:
-                stored = str(segment.path.resolve())
-            _x(
-                self.con,
-                "INSERT INTO events_segments VALUES (?, ?, ?)",
-                [segment.first, segment.last, stored],
-            )
+        home = self.path.parent.resolve()
+        paths = [s.path.resolve() for s in segments]
+        stored = [str(p.relative_to(home)) if p.is_relative_to(home) else str(p) for p in paths]
+        # One statement for all of them (a 10M rebuild lists 100: 0.1 s one INSERT each).
+        _x(
+            self.con,
+            "INSERT INTO events_segments SELECT unnest(?), unnest(?), unnest(?)",
+            [[s.first for s in segments], [s.last for s in segments], stored],
+        )
         self._define_events()
 
     def _restore_events(self, first: int, last: int) -> None:
