@@ -20,8 +20,8 @@ GROUP BY customer_id
 ORDER BY customer_id;
 
 -- name: engaged_all
--- Per customer, the latest action of their own (not email_sent / email_bounced, not the
--- system channel, not outbound chats or calls), when $as_of is at or after every event:
+-- Per customer, the latest action of their own (schema.sql `own_action`), when $as_of is
+-- at or after every event:
 -- kept in customer_facts as batches land, so a derive reads 1M rows at 10M events, not
 -- every event.
 SELECT customer_id, last_activity_at FROM customer_facts
@@ -29,10 +29,7 @@ SELECT customer_id, last_activity_at FROM customer_facts
 -- name: engaged_as_of
 -- The same as of an earlier reference date (`--as-of`): from the events up to it.
 SELECT customer_id,
-       max(occurred_at) FILTER (WHERE type NOT IN ('email_sent', 'email_bounced')
-                                  AND channel <> 'system'
-                                  AND coalesce(direction, 'inbound') = 'inbound')
-           AS last_activity_at
+       max(occurred_at) FILTER (WHERE own_action(type, channel, direction)) AS last_activity_at
 FROM events
 WHERE occurred_at <= $as_of
 GROUP BY customer_id

@@ -69,9 +69,7 @@ WITH batch AS MATERIALIZED (
         bool_or(type IN ('order_placed', 'order_refunded')) AS has_purchases,
         bool_or(type IN ('ticket_opened', 'ticket_resolved')) AS has_tickets,
         bool_or(type = 'consent_changed') AS has_consents,
-        max(occurred_at) FILTER (WHERE type NOT IN ('email_sent', 'email_bounced')
-                                   AND channel <> 'system'
-                                   AND coalesce(direction, 'inbound') = 'inbound')
+        max(occurred_at) FILTER (WHERE own_action(type, channel, direction))
             AS last_activity_at
     FROM batch_events b
     LEFT JOIN customer_aliases a ON a.customer_id = b.customer_id
@@ -243,9 +241,7 @@ SELECT
         FILTER (WHERE type = 'consent_changed' AND purpose = 'profiling'),
     bool_or(type = 'customer_forgotten'),
     max(occurred_at) FILTER (WHERE type = 'customer_forgotten'),
-    max(occurred_at) FILTER (WHERE type NOT IN ('email_sent', 'email_bounced')
-                               AND channel <> 'system'
-                               AND coalesce(direction, 'inbound') = 'inbound')
+    max(occurred_at) FILTER (WHERE own_action(type, channel, direction))
 FROM mine m
 LEFT JOIN tickets t ON t.customer_id = m.customer_id
 GROUP BY m.customer_id;

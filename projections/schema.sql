@@ -270,6 +270,15 @@ CREATE TABLE IF NOT EXISTS customer_aliases (
     canonical_id     VARCHAR NOT NULL
 );
 
+-- An action of the customer's own, what churn's engagement fallback measures from: not an
+-- email sent to them or bounced, not the system channel, not an outbound chat or call.
+-- One definition for customer_facts.last_activity_at (customer_360.sql) and the scan of
+-- `events` for an earlier reference date (churn.sql `engaged_as_of`).
+CREATE OR REPLACE MACRO own_action(type, channel, direction) AS
+    type NOT IN ('email_sent', 'email_bounced')
+    AND channel <> 'system'
+    AND coalesce(direction, 'inbound') = 'inbound';
+
 -- The layout version (runner.LAYOUT_VERSION): a file of another layout needs --rebuild.
 CREATE TABLE IF NOT EXISTS projection_layout (version INTEGER NOT NULL);
 INSERT INTO projection_layout SELECT 8 WHERE NOT EXISTS (SELECT 1 FROM projection_layout);
