@@ -647,8 +647,7 @@ class Ledger:
                 )
                 session.delete_key(customer_id)
         self.keys.drop(customer_id)
-        checkpoint = getattr(self.store, "checkpoint", None)
-        if checkpoint and checkpoint() is False:
+        if not self.store.checkpoint():
             raise LedgerError(
                 f"the data key of {customer_id} is destroyed, but the ledger's WAL could not be "
                 "checkpointed within 10 s (other checkpoints kept running), so the erased "

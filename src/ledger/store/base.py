@@ -137,6 +137,12 @@ class EventStore(abc.ABC):
     def size_bytes(self) -> dict[str, int]:
         """Storage used, by file or relation name."""
 
+    def checkpoint(self) -> bool:
+        """After ``forget``: make the erased rows' old page images leave the database's
+        write-ahead files now; False if that could not be done. Only SQLite has a step of
+        its own here (its WAL); other stores have nothing to do."""
+        return True
+
     def backup(self, destination: Path) -> None:
         """Write a consistent copy of the ledger to ``destination`` while appends go on."""
         raise NotImplementedError(
