@@ -235,3 +235,28 @@ def test_the_snapshot_looks_customers_up_by_index(loaded: Settings) -> None:
         assert "Index Scan" in plan, plan
         row = con.execute("SELECT * FROM customer_360 WHERE customer_id = ?", [some]).fetchall()
         assert len(row) == 1 and row[0][0] == some
+
+
+def test_unwritable_outputs_are_sentences(loaded: Settings, tmp_path: Path) -> None:
+    """`query -o` into a missing directory or onto a directory, and `export` under a file,
+    fail with a sentence naming the path, for every output format."""
+    assert run(loaded, "project").returncode == 0
+    missing = tmp_path / "no" / "such"
+    for fmt in ("table", "csv", "json", "parquet"):
+        target = missing / f"out.{fmt}"
+        got = run(loaded, "query", "SELECT 1 AS a", "--format", fmt, "-o", str(target))
+        assert got.returncode == 1, got.stderr
+        said = " ".join(got.stderr.split())
+        assert f"cannot write the result to {target}" in said
+        assert "Traceback" not in got.stderr
+        assert not target.exists()
+    got = run(loaded, "query", "SELECT 1 AS a", "--format", "csv", "-o", str(tmp_path))
+    assert got.returncode == 1
+    assert "is a directory" in got.stderr
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept\n")
+    got = run(loaded, "export", str(blocker / "exports"))
+    assert got.returncode == 1
+    assert f"cannot create the directory {blocker / 'exports'}" in " ".join(got.stderr.split())
+    assert "Traceback" not in got.stderr
+    assert blocker.read_text() == "kept\n"

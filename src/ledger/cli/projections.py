@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from ledger.cli.core import parse_moment
@@ -175,12 +176,11 @@ def _write(result: pa.Table, fmt: str, output: Path | None) -> None:
     table = Table(*result.column_names, show_lines=False)
     for row in result.slice(0, TABLE_ROW_LIMIT).to_pylist():
         table.add_row(*("" if v is None else str(v) for v in row.values()))
-    target = console
-    if output is not None:
-        from rich.console import Console
-
-        target = Console(file=output.open("w"), width=200)
-    target.print(table)
+    if output is None:
+        console.print(table)
+    else:
+        with output.open("w") as sink:
+            Console(file=sink, width=200).print(table)
     if result.num_rows > TABLE_ROW_LIMIT:
         err_console.print(
             f"({result.num_rows - TABLE_ROW_LIMIT:,} more rows not shown; use --format csv)"
@@ -200,18 +200,28 @@ def query(
     if fmt not in FORMATS:
         fail(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}", EXIT_USAGE)
     result = run_query(sql, Settings())
-    _write(result, fmt, output)
+    try:
+        _write(result, fmt, output)
+    except OSError as exc:
+        fail(f"cannot write the result to {output}: {exc.strerror or exc}")
 
 
 def export(
     directory: Annotated[Path, typer.Argument(help="Directory for one Parquet file per table.")],
 ) -> None:
     """Export every projection table to DIR/<table>.parquet."""
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create the directory {directory}: {exc.strerror or exc}")
     with snapshot.connect(Settings()) as con:
         for table in snapshot.SNAPSHOT_TABLES:
             target = directory / f"{table}.parquet"
-            con.execute(f"COPY (SELECT * FROM {table}) TO '{target}' (FORMAT parquet)")
+            path = str(target).replace("'", "''")
+            try:
+                con.execute(f"COPY (SELECT * FROM {table}) TO '{path}' (FORMAT parquet)")
+            except duckdb.IOException as exc:
+                fail(f"cannot write {target}: {exc}")
             rows = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
             console.print(f"{target}  {rows:,} rows", highlight=False)
 
