@@ -20,7 +20,7 @@ from fixtures.projection_data import generated
 from ledger.ledger import Ledger
 from ledger.projection import subscribe as sub
 from ledger.projection.runner import ProjectionRunner
-from ledger.projection.snapshot import LOOKUP_INDEX, SNAPSHOT_TABLES, connect
+from ledger.projection.snapshot import LOOKUP_INDEX, SNAPSHOT_TABLES, connect, snapshot_path
 from ledger.settings import Settings
 
 
@@ -260,3 +260,33 @@ def test_unwritable_outputs_are_sentences(loaded: Settings, tmp_path: Path) -> N
     assert f"cannot create the directory {blocker / 'exports'}" in " ".join(got.stderr.split())
     assert "Traceback" not in got.stderr
     assert blocker.read_text() == "kept\n"
+
+
+def test_damaged_files_are_sentences_and_project_mends_them(loaded: Settings) -> None:
+    """A projections file or snapshot that is not a DuckDB database: `project` says to
+    rebuild, `--rebuild` replaces the file, `query` says to project, `project` republishes."""
+    loaded.projections_path.parent.mkdir(parents=True, exist_ok=True)
+    loaded.projections_path.write_text("not a database\n")
+    got = run(loaded, "project")
+    assert got.returncode == 1
+    said = " ".join(got.stderr.split())
+    assert "not a valid DuckDB database" in said and "ledger project --rebuild" in said
+    assert "another `ledger project`" not in said  # not mistaken for a lock
+    assert "Traceback" not in got.stderr
+    rebuilt = run(loaded, "project", "--rebuild")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    counted = run(loaded, "query", "SELECT count(*) AS n FROM customer_360", "--format", "json")
+    assert json.loads(counted.stdout) == [{"n": 80}]
+
+    snap = snapshot_path(loaded)
+    snap.write_text("not a database either\n")
+    got = run(loaded, "query", "SELECT 1")
+    assert got.returncode == 1
+    said = " ".join(got.stderr.split())
+    assert f"cannot read the published projections at {snap}" in said
+    assert "`ledger project` publishes them again" in said
+    assert "Traceback" not in got.stderr
+    # Nothing new in the ledger: the run publishes because the snapshot cannot be read.
+    assert run(loaded, "project").returncode == 0
+    counted = run(loaded, "query", "SELECT count(*) AS n FROM customer_360", "--format", "json")
+    assert json.loads(counted.stdout) == [{"n": 80}]

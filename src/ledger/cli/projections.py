@@ -52,7 +52,9 @@ def _drop_projections(settings: Settings) -> None:
         try:
             duckdb.connect(str(path)).close()
         except duckdb.IOException as exc:
-            fail(f"cannot rebuild {path}: it is in use ({exc}); stop `ledger project` first")
+            if snapshot.held_by_writer(exc):
+                fail(f"cannot rebuild {path}: it is in use ({exc}); stop `ledger project` first")
+            # Damaged or not a DuckDB file: a rebuild replaces it all the same.
     for stale in (path, Path(f"{path}.wal")):
         stale.unlink(missing_ok=True)
 

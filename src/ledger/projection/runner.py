@@ -145,9 +145,14 @@ class ProjectionRunner:
         try:
             self.con = duckdb.connect(str(self.path))
         except duckdb.IOException as exc:
+            if snapshot.held_by_writer(exc):
+                raise LedgerError(
+                    f"cannot open the projections at {self.path}: {exc} "
+                    "(is another `ledger project` running?)"
+                ) from None
             raise LedgerError(
-                f"cannot open the projections at {self.path}: {exc} "
-                "(is another `ledger project` running?)"
+                f"cannot open the projections at {self.path}: {exc}; they are computed from "
+                "the ledger: `ledger project --rebuild` replaces the file and recomputes them"
             ) from None
         # Scratch files of a runner of this file killed mid-batch (it is not alive: this
         # runner holds the file's lock).
@@ -839,7 +844,9 @@ class ProjectionRunner:
             return applied
         self._phase("computing RFM and churn risk")
         self.refresh_derived()
-        if self.snapshot_to is not None and (self._dirty or not self.snapshot_to.exists()):
+        if self.snapshot_to is not None and (
+            self._dirty or not snapshot.readable(self.snapshot_to)
+        ):
             self._phase("publishing the snapshot")
             self.publish()
         return applied

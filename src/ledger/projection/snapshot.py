@@ -64,6 +64,21 @@ def publish(con: duckdb.DuckDBPyConnection, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def held_by_writer(exc: duckdb.IOException) -> bool:
+    """Whether DuckDB refused a file because another process holds it open for writing
+    (rather than because the file is damaged or not a DuckDB database)."""
+    return "Could not set lock" in str(exc)
+
+
+def readable(target: Path) -> bool:
+    """Whether ``target`` is a snapshot readers can open (it exists and is a DuckDB file)."""
+    try:
+        duckdb.connect(str(target), read_only=True).close()
+    except duckdb.Error:
+        return False
+    return True
+
+
 def remove_stale(target: Path) -> None:
     """Delete temporary snapshot files left by a runner that was killed mid-publish."""
     for stale in target.parent.glob(f"{target.name}.tmp-*"):
@@ -78,12 +93,15 @@ def connect(settings: Settings | None = None) -> Iterator[duckdb.DuckDBPyConnect
     path = snapshot_path(settings)
     try:
         con = duckdb.connect(str(path), read_only=True)
-    except duckdb.IOException:
+    except duckdb.IOException as exc:
         if not path.exists():
             raise LedgerError(
                 f"no projections published yet at {path}: run `ledger project` first"
             ) from None
-        raise
+        raise LedgerError(
+            f"cannot read the published projections at {path}: {exc}; "
+            "`ledger project` publishes them again"
+        ) from None
     try:
         con.execute("SET TimeZone = 'UTC'")
         yield con
