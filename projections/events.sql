@@ -50,13 +50,15 @@ CREATE OR REPLACE TEMP VIEW batch_events AS
 SELECT * FROM read_parquet($files) WHERE position > $after AND position <= $upto;
 
 -- name: load
--- A batch no segment of the columnar copy holds (see `view`).
+-- The batch's events up to position $last, which no listed segment of the columnar copy
+-- holds (see `view`).
 INSERT INTO events_tail
 SELECT position, customer_id, sequence, event_id, type, channel, occurred_at, recorded_at,
        source, order_id, amount, currency, form_id, ticket_id, priority, satisfaction,
        purpose, status, direction, outcome, sentiment, campaign_id, bounce_type, url,
        personal IS NOT NULL
-FROM batch_events;
+FROM batch_events
+WHERE position <= $last;
 
 -- name: view
 -- `events`: the rows of `events_tail` and of the copy's segments listed in

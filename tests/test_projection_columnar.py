@@ -257,3 +257,92 @@ def test_events_survive_the_copy_being_deleted(sqlite_settings: Settings, tmp_pa
             ).fetchall() == [(1_200, 0)]
             with project(ledger, tmp_path / "plain.duckdb") as plain:
                 assert_same_tables(plain.con, runner.con)
+
+
+def test_a_far_behind_catch_up_writes_the_copy_ahead_then_applies_it_at_once(
+    sqlite_settings: Settings, tmp_path: Path
+) -> None:
+    """At least ``copy_ahead_min_events`` behind, a catch-up first parses the log into
+    segments (nothing applied), then applies the backlog from them in one transaction; the
+    tables equal a runner that reads the log batch by batch without a copy."""
+    copy = tmp_path / "columnar"
+    with Ledger.open(sqlite_settings) as ledger:
+        assert not ledger.append(generated(2_500, 120, seed=4)).rejected
+        with project(ledger, tmp_path / "plain.duckdb", batch_size=400) as plain:
+            ahead = ProjectionRunner(
+                ledger,
+                tmp_path / "ahead.duckdb",
+                batch_size=400,
+                columnar=copy,
+                segment_min_events=100,
+                copy_ahead_min_events=2_000,
+            )
+            ahead.run()
+            # One segment of the whole log (segments ahead hold up to 100k events), and the
+            # events read from it in place: batches from the log would have left 400-event
+            # segments or rows in events_tail.
+            assert _segments(copy) == [(1, 2_500)]
+            assert ahead.position == 2_500
+            assert ahead.con.execute(
+                "SELECT (SELECT count(*) FROM events_tail), (SELECT count(*) FROM events_segments)"
+            ).fetchall() == [(0, 1)]
+            assert_same_tables(plain.con, ahead.con)
+            ahead.close()
+        # Not far enough behind: the batches come from the log (and extend the copy).
+        assert not ledger.append(generated(500, 30, seed=6)).rejected
+        with project(
+            ledger,
+            tmp_path / "ahead.duckdb",
+            batch_size=400,
+            columnar=copy,
+            copy_ahead_min_events=2_000,
+            segment_min_events=100,
+        ) as again:
+            assert _segments(copy) == [(1, 2_500), (2_501, 2_900), (2_901, 3_000)]
+            with project(ledger, tmp_path / "plain2.duckdb") as plain:
+                assert_same_tables(plain.con, again.con)
+
+
+def test_a_copy_cut_elsewhere_does_not_show_events_twice(
+    sqlite_settings: Settings, tmp_path: Path
+) -> None:
+    """A follower's small batches leave the copy behind; written ahead from there, the
+    first new segment also holds events already applied (in `events_tail`): those are not
+    read twice. The same when another runner cut the copy at other positions."""
+    copy = tmp_path / "columnar"
+    with Ledger.open(sqlite_settings) as ledger:
+        assert not ledger.append(generated(1_500, 80, seed=11)).rejected
+        follower = ProjectionRunner(
+            ledger,
+            tmp_path / "follower.duckdb",
+            batch_size=300,
+            columnar=copy,
+            segment_min_events=1_000,  # its 300-event batches are not written as segments
+            copy_ahead_min_events=10_000,
+        )
+        follower.run()
+        assert _segments(copy) == [] and follower.position == 1_500
+        assert not ledger.append(generated(1_500, 80, seed=12)).rejected
+        follower.copy_ahead_min_events = 1_000
+        follower.run()  # 1,500 behind, the copy 3,000: written ahead from position 0
+        assert _segments(copy) == [(1, 3_000)]
+        assert follower.con.execute(
+            "SELECT (SELECT count(*) FROM events_tail), (SELECT count(*) FROM events_segments)"
+        ).fetchall() == [(3_000, 0)]
+        with project(ledger, tmp_path / "plain.duckdb") as plain:
+            assert_same_tables(plain.con, follower.con)
+        follower.close()
+        # A file stopped at 700 without the copy, then run with a copy another runner cut
+        # into 1,000-event segments.
+        shutil.rmtree(copy)
+        project(
+            ledger, tmp_path / "cut.duckdb", batch_size=1_000, columnar=copy, segment_min_events=1
+        ).close()
+        assert _segments(copy) == [(1, 1_000), (1_001, 2_000), (2_001, 3_000)]
+        stopped = ProjectionRunner(ledger, tmp_path / "stopped.duckdb", batch_size=700)
+        stopped.apply(ledger.read_raw(0, 700), after=0)
+        stopped.close()
+        with project(ledger, tmp_path / "stopped.duckdb", columnar=copy) as resumed:
+            assert resumed.con.execute("SELECT count(*) FROM events").fetchall() == [(3_000,)]
+            with project(ledger, tmp_path / "plain.duckdb") as plain:
+                assert_same_tables(plain.con, resumed.con)
