@@ -278,6 +278,16 @@ def test_damaged_files_are_sentences_and_project_mends_them(loaded: Settings) ->
     counted = run(loaded, "query", "SELECT count(*) AS n FROM customer_360", "--format", "json")
     assert json.loads(counted.stdout) == [{"n": 80}]
 
+    # Cut short (a crash or a full disk): it opens, and fails at its first read of a table.
+    whole = loaded.projections_path.read_bytes()
+    loaded.projections_path.write_bytes(whole[: len(whole) // 2])
+    got = run(loaded, "project")
+    assert got.returncode == 1
+    said = " ".join(got.stderr.split())
+    assert "Could not read enough bytes" in said and "ledger project --rebuild" in said
+    assert "Traceback" not in got.stderr
+    assert run(loaded, "project", "--rebuild").returncode == 0
+
     snap = snapshot_path(loaded)
     snap.write_text("not a database either\n")
     got = run(loaded, "query", "SELECT 1")
