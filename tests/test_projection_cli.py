@@ -300,3 +300,22 @@ def test_damaged_files_are_sentences_and_project_mends_them(loaded: Settings) ->
     assert run(loaded, "project").returncode == 0
     counted = run(loaded, "query", "SELECT count(*) AS n FROM customer_360", "--format", "json")
     assert json.loads(counted.stdout) == [{"n": 80}]
+
+
+def test_a_wrong_master_key_is_a_sentence_and_loses_nothing(loaded: Settings) -> None:
+    """Identifiers cannot be decrypted with another master key: `project` says so, exits 1,
+    and the projections applied before stay as they were."""
+    assert run(loaded, "project").returncode == 0
+    with Ledger.open(loaded) as ledger:
+        assert not ledger.append(generated(300, 20, seed=21)).rejected
+    wrong = Settings(home=loaded.home, master_key="d" * 64)
+    got = run(wrong, "project")
+    assert got.returncode == 1
+    said = " ".join(got.stderr.split())
+    assert "cannot decrypt identifiers: the master key does not unwrap" in said
+    assert "Traceback" not in got.stderr
+    with duckdb.connect(str(loaded.projections_path), read_only=True) as con:
+        assert con.execute("SELECT position FROM projection_state").fetchall() == [(1_500,)]
+    assert run(loaded, "project").returncode == 0
+    with duckdb.connect(str(loaded.projections_path), read_only=True) as con:
+        assert con.execute("SELECT position FROM projection_state").fetchall() == [(1_800,)]

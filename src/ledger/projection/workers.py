@@ -32,6 +32,7 @@ from cryptography.exceptions import InvalidTag
 
 from ledger import keyring as kr
 from ledger.contract import Identifiers
+from ledger.ledger import LedgerError
 from ledger.projection import churn, lifecycle
 from ledger.settings import Settings
 from ledger.store import EventStore, open_store
@@ -254,7 +255,11 @@ def decrypt(
                         requested = set(wanted)
                         chunk = read_wrapped(wanted)
                     blob = chunk.get(stream)
-                    cipher = None if blob is None else unwrap(stream, blob)
+                    try:
+                        cipher = None if blob is None else unwrap(stream, blob)
+                    except kr.KeyError_ as exc:
+                        # A wrong master key: the user's to fix, said in one sentence.
+                        raise LedgerError(f"cannot decrypt identifiers: {exc}") from None
             ids: Any = None
             if cipher is not None:
                 try:
