@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
+from conftest import PG_HOST, PG_PORT, PG_USER
 from ledger.cli.core import schema_drift
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,9 +226,21 @@ def test_forget_needs_confirmation_then_erases(home: Path, tmp_path: Path) -> No
 
 
 def test_unreachable_postgres_is_a_sentence_not_a_traceback(home: Path) -> None:
+    """The server's own reason, not the connection pool's timeout."""
     proc = run(home, "stats", LEDGER_STORE_URL="postgresql://postgres@127.0.0.1:1/none")
     no_traceback(proc)
-    assert proc.returncode == 1 and "error:" in proc.stderr
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 1
+    assert "cannot open the ledger store: postgresql://postgres@127.0.0.1:1/none" in said
+    assert "Connection refused" in said
+
+
+def test_a_missing_postgres_database_is_named(home: Path, postgres_available: bool) -> None:
+    url = f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/no_such_ledger_db"
+    proc = run(home, "stats", LEDGER_STORE_URL=url)
+    no_traceback(proc)
+    assert proc.returncode == 1
+    assert 'database "no_such_ledger_db" does not exist' in " ".join(proc.stderr.split())
 
 
 @pytest.mark.parametrize(

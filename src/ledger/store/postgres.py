@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from eventsourcing.persistence import Tracking
+import psycopg
+from eventsourcing.persistence import OperationalError, Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresProcessRecorder
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL
@@ -198,19 +199,36 @@ class PostgresStore(EventStore):
             raise ValueError(
                 f"LEDGER_STORE_URL: expected postgresql://user@host:port/database, got {url!r}"
             )
+        dbname = unquote(parts.path.lstrip("/")) or "postgres"
+        host, port = parts.hostname or "127.0.0.1", parts.port or 5432
+        role, password = unquote(parts.username or "postgres"), unquote(parts.password or "")
+        safe = f"postgresql://{role}@{host}:{port}{parts.path}"  # no password
+        # One direct connection first: the pool below only says "couldn't get a connection"
+        # after its 10 s timeout, where the server says at once what is wrong (refused, no
+        # such database, authentication).
+        try:
+            psycopg.connect(
+                dbname=dbname,
+                host=host,
+                port=port,
+                user=role,
+                password=password,
+                connect_timeout=10,
+            ).close()
+        except psycopg.OperationalError as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise OperationalError(f"{safe}: {reason}") from None
         datastore = PostgresDatastore(
-            dbname=unquote(parts.path.lstrip("/")) or "postgres",
-            host=parts.hostname or "127.0.0.1",
-            port=parts.port or 5432,
-            user=unquote(parts.username or "postgres"),
-            password=unquote(parts.password or ""),
+            dbname=dbname,
+            host=host,
+            port=port,
+            user=role,
+            password=password,
             originator_id_type="text",
             pool_size=2,
             max_overflow=4,
             connect_timeout=10,
         )
-        user = parts.username or "postgres"
-        safe = f"postgresql://{user}@{parts.hostname}:{parts.port or 5432}{parts.path}"
         return cls(datastore, safe)
 
     @contextmanager
