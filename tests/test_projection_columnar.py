@@ -260,13 +260,14 @@ def test_events_survive_the_copy_being_deleted(sqlite_settings: Settings, tmp_pa
 
 
 def test_a_far_behind_catch_up_writes_the_copy_ahead_then_applies_it_at_once(
-    sqlite_settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path
 ) -> None:
     """At least ``copy_ahead_min_events`` behind, a catch-up first parses the log into
-    segments (nothing applied), then applies the backlog from them in one transaction; the
-    tables equal a runner that reads the log batch by batch without a copy."""
+    segments (nothing applied; the next chunk is read from the store, SQLite or PostgreSQL,
+    in a thread), then applies the backlog from them in one transaction; the tables equal a
+    runner that reads the log batch by batch without a copy."""
     copy = tmp_path / "columnar"
-    with Ledger.open(sqlite_settings) as ledger:
+    with Ledger.open(settings) as ledger:
         assert not ledger.append(generated(2_500, 120, seed=4)).rejected
         with project(ledger, tmp_path / "plain.duckdb", batch_size=400) as plain:
             ahead = ProjectionRunner(
@@ -276,16 +277,16 @@ def test_a_far_behind_catch_up_writes_the_copy_ahead_then_applies_it_at_once(
                 columnar=copy,
                 segment_min_events=100,
                 copy_ahead_min_events=2_000,
+                ahead_segment_events=1_000,
             )
             ahead.run()
-            # One segment of the whole log (segments ahead hold up to 100k events), and the
-            # events read from it in place: batches from the log would have left 400-event
-            # segments or rows in events_tail.
-            assert _segments(copy) == [(1, 2_500)]
+            # Segments of 1,000 written ahead, and the events read from them in place:
+            # batches from the log would have left 400-event segments or rows in events_tail.
+            assert _segments(copy) == [(1, 1_000), (1_001, 2_000), (2_001, 2_500)]
             assert ahead.position == 2_500
             assert ahead.con.execute(
                 "SELECT (SELECT count(*) FROM events_tail), (SELECT count(*) FROM events_segments)"
-            ).fetchall() == [(0, 1)]
+            ).fetchall() == [(0, 3)]
             assert_same_tables(plain.con, ahead.con)
             ahead.close()
         # Not far enough behind: the batches come from the log (and extend the copy).
@@ -298,7 +299,7 @@ def test_a_far_behind_catch_up_writes_the_copy_ahead_then_applies_it_at_once(
             copy_ahead_min_events=2_000,
             segment_min_events=100,
         ) as again:
-            assert _segments(copy) == [(1, 2_500), (2_501, 2_900), (2_901, 3_000)]
+            assert _segments(copy)[-2:] == [(2_501, 2_900), (2_901, 3_000)]
             with project(ledger, tmp_path / "plain2.duckdb") as plain:
                 assert_same_tables(plain.con, again.con)
 

@@ -126,6 +126,7 @@ class ProjectionRunner:
         processes: int | None = None,
         fit_offload_min: int = FIT_OFFLOAD_MIN,
         copy_ahead_min_events: int = COPY_AHEAD_MIN_EVENTS,
+        ahead_segment_events: int = AHEAD_SEGMENT_EVENTS,
     ):
         self.ledger = ledger
         #: Lets worker processes open the ledger's store (for wrapped keys); without it
@@ -137,6 +138,8 @@ class ProjectionRunner:
         self.fit_offload_min = fit_offload_min
         #: A catch-up this far behind extends the columnar copy first (see COPY_AHEAD_MIN_EVENTS).
         self.copy_ahead_min_events = copy_ahead_min_events
+        #: Events per segment written ahead (at least ``batch_size``).
+        self.ahead_segment_events = ahead_segment_events
         self._offload = workers.Offload(processes or os.cpu_count() or 1)
         self._registered: list[str] = []
         #: Told what a long batch is doing (``ledger project`` shows it beside its bar).
@@ -372,7 +375,7 @@ class ProjectionRunner:
         behind, missing = head - position, head - frontier
         if behind < self.copy_ahead_min_events or not copy.min_events <= missing <= 2 * behind:
             return
-        size = max(self.batch_size, AHEAD_SEGMENT_EVENTS, copy.min_events)
+        size = max(self.batch_size, self.ahead_segment_events, copy.min_events)
 
         def more(after: int) -> bool:
             return head - after >= copy.min_events and (stop is None or not stop.is_set())
