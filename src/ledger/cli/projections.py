@@ -97,58 +97,46 @@ def project(
     if rebuild:
         _drop_projections(settings)
     stop = _stop_on_signals()
-    try:
-        with (
-            Ledger.open(settings) as ledger,
-            ProjectionRunner.for_settings(
-                ledger,
-                settings,
-                batch_size=batch_size,
-                **({"columnar": None} if no_columnar else {}),
-            ) as runner,
-        ):
-            if as_of is not None:
-                runner.set_as_of(reference)
-            start = runner.position
-            with progress(transient=follow) as bar:
-                task = bar.add_task("projecting", total=max(ledger.position - start, 0))
+    with (
+        Ledger.open(settings) as ledger,
+        ProjectionRunner.for_settings(
+            ledger, settings, batch_size=batch_size, **({"columnar": None} if no_columnar else {})
+        ) as runner,
+    ):
+        if as_of is not None:
+            runner.set_as_of(reference)
+        start = runner.position
+        with progress(transient=follow) as bar:
+            task = bar.add_task("projecting", total=max(ledger.position - start, 0))
 
-                def on_progress(position: int, head: int) -> None:
-                    bar.update(
-                        task,
-                        completed=position - start,
-                        total=max(head - start, 1),
-                        description="projecting",
-                    )
+            def on_progress(position: int, head: int) -> None:
+                bar.update(
+                    task,
+                    completed=position - start,
+                    total=max(head - start, 1),
+                    description="projecting",
+                )
 
-                def on_phase(what: str) -> None:
-                    # One batch of a rebuild can take a minute: say what it is doing.
-                    bar.update(task, description=f"projecting: {what}")
+            def on_phase(what: str) -> None:
+                # One batch of a rebuild can take a minute: say what it is doing.
+                bar.update(task, description=f"projecting: {what}")
 
-                if not follow:
-                    runner.on_phase = on_phase
+            if not follow:
+                runner.on_phase = on_phase
 
-                if follow:
-                    err_console.print(
-                        f"following the ledger from position {start:,} (Ctrl-C stops)",
-                        highlight=False,
-                    )
-                    runner.follow(stop, on_progress=on_progress)
-                else:
-                    runner.run(on_progress=on_progress, stop=stop)
-                    bar.update(task, description="projected")
-            end = runner.position
-            console.print(
-                f"projections at position {end:,} ({end - start:,} events applied); "
-                f"snapshot {snapshot.snapshot_path(settings)}",
-                highlight=False,
-            )
-
-    except duckdb.IOException as exc:
-        # A damaged projections file can open and fail at its first read of a table.
-        fail(
-            f"DuckDB could not read or write a file: {exc}. If {settings.projections_path} "
-            "is damaged, `ledger project --rebuild` recomputes it from the ledger"
+            if follow:
+                err_console.print(
+                    f"following the ledger from position {start:,} (Ctrl-C stops)", highlight=False
+                )
+                runner.follow(stop, on_progress=on_progress)
+            else:
+                runner.run(on_progress=on_progress, stop=stop)
+                bar.update(task, description="projected")
+        end = runner.position
+        console.print(
+            f"projections at position {end:,} ({end - start:,} events applied); "
+            f"snapshot {snapshot.snapshot_path(settings)}",
+            highlight=False,
         )
 
 

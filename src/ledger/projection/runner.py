@@ -157,32 +157,7 @@ class ProjectionRunner:
         self.snapshot_interval = snapshot_interval
         self.derive_interval = derive_interval
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.con = duckdb.connect(str(self.path))
-        except duckdb.IOException as exc:
-            if snapshot.held_by_writer(exc):
-                raise LedgerError(
-                    f"cannot open the projections at {self.path}: {exc} "
-                    "(is another `ledger project` running?)"
-                ) from None
-            raise LedgerError(
-                f"cannot open the projections at {self.path}: {exc}; they are computed from "
-                "the ledger: `ledger project --rebuild` replaces the file and recomputes them"
-            ) from None
-        # Scratch files of a runner of this file killed mid-batch (it is not alive: this
-        # runner holds the file's lock).
-        for stale in self.path.parent.glob(f".{self.path.name}.work-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        _x(self.con, "SET TimeZone = 'UTC'")
-        _x(self.con, f"SET memory_limit = '{memory_limit}'")
-        self._check_layout()
-        _x(self.con, sql("schema", "schema"))
-        if self.con.execute("SELECT count(*) FROM rfm_segments").fetchall()[0] == (0,):
-            self.con.register("segments_in", segment_table())
-            _x(self.con, "INSERT INTO rfm_segments SELECT * FROM segments_in")
-            self.con.unregister("segments_in")
-        _x(self.con, sql("customer_360", "view"))
-        self._open_events()
+        self._open(memory_limit)
         self._threads = int(_x(self.con, "SELECT current_setting('threads')")[0][0])
         self._threads_now = self._threads
         self._published_at = 0.0
@@ -195,6 +170,41 @@ class ProjectionRunner:
         self._background = False
         if snapshot_to is not None:
             snapshot.remove_stale(snapshot_to)
+
+    def _open(self, memory_limit: str) -> None:
+        """Open the projections file (this runner is its one writer), create what it lacks
+        and define ``events``. A file held by another writer, or one that is damaged (not a
+        DuckDB database, or cut short: that opens and fails at its first read), is refused
+        here with a sentence."""
+        opened = None
+        try:
+            opened = self.con = duckdb.connect(str(self.path))
+            # Scratch files of a runner of this file killed mid-batch (it is not alive: this
+            # runner holds the file's lock).
+            for stale in self.path.parent.glob(f".{self.path.name}.work-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            _x(self.con, "SET TimeZone = 'UTC'")
+            _x(self.con, f"SET memory_limit = '{memory_limit}'")
+            self._check_layout()
+            _x(self.con, sql("schema", "schema"))
+            if self.con.execute("SELECT count(*) FROM rfm_segments").fetchall()[0] == (0,):
+                self.con.register("segments_in", segment_table())
+                _x(self.con, "INSERT INTO rfm_segments SELECT * FROM segments_in")
+                self.con.unregister("segments_in")
+            _x(self.con, sql("customer_360", "view"))
+            self._open_events()
+        except duckdb.IOException as exc:
+            if opened is not None:
+                opened.close()
+            if snapshot.held_by_writer(exc):
+                raise LedgerError(
+                    f"cannot open the projections at {self.path}: {exc} "
+                    "(is another `ledger project` running?)"
+                ) from None
+            raise LedgerError(
+                f"cannot open the projections at {self.path}: {exc}; they are computed from "
+                "the ledger: `ledger project --rebuild` replaces the file and recomputes them"
+            ) from None
 
     def _check_layout(self) -> None:
         """Refuse a file written by another table layout: its tables cannot be extended."""
