@@ -400,12 +400,7 @@ class ProjectionRunner:
             while pending is not None:
                 self._phase(f"copying the log: {frontier:,} of {head:,} events")
                 rows = pending.result()
-                if not rows or rows[0].position != frontier + 1:
-                    raise LedgerError(
-                        f"the ledger returned {rows[0].position if rows else 'no events'} "
-                        f"after position {frontier} (its head is {head}): "
-                        "positions must be gap-free"
-                    )
+                _check_follows(rows, frontier)
                 last = rows[-1].position
                 pending = reader.submit(read, last) if more(last) else None
                 last_hash = self._parse(rows)
@@ -420,11 +415,7 @@ class ProjectionRunner:
 
     def apply(self, rows: list[StoredRow], *, after: int) -> None:
         """Apply one batch of log rows (positions after ``after``) in one transaction."""
-        if rows[0].position != after + 1:
-            raise LedgerError(
-                f"the ledger returned position {rows[0].position} after {after}: "
-                "positions must be gap-free"
-            )
+        _check_follows(rows, after)
         last = rows[-1].position
         copy = self.copy
         extend = copy is not None and len(rows) >= copy.min_events and copy.frontier == after
@@ -1100,6 +1091,15 @@ def columnar_path(settings: Settings) -> Path:
 def _floats(values: Any) -> pa.Array:
     """Floats with NaN (a model that cannot say) stored as NULL."""
     return pa.array(values, pa.float64(), from_pandas=True)
+
+
+def _check_follows(rows: list[StoredRow], after: int) -> None:
+    """Log rows read after ``after`` must start at ``after`` + 1: positions are gap-free."""
+    if not rows or rows[0].position != after + 1:
+        found = f"position {rows[0].position}" if rows else "no events"
+        raise LedgerError(
+            f"the ledger returned {found} after position {after}: positions must be gap-free"
+        )
 
 
 def _x(con: duckdb.DuckDBPyConnection, query: str, params: Any = None) -> list[Any]:
